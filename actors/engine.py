@@ -1,0 +1,99 @@
+"""An engine replica: one Ray Serve replica holding one vLLM async engine (tensor-parallel over one node's GPUs).
+
+The ingress sends token ids (it tokenized once); the replica streams back text deltas plus the usage numbers the
+OpenAI API reports, including how many prompt tokens came from the prefix cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from kvpool.config import KVPoolConfig
+from kvpool.model import resolve_model
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: Any  # vllm.SamplingParams, validated by the ingress
+    # Filled in by the router (issue: prefix routing); read by the Serve request router plug-in.
+    route: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerateChunk:
+    text: str
+    num_new_tokens: int
+    num_cached_tokens: int
+    finish_reason: str | None = None
+
+
+def engine_env(cfg: KVPoolConfig) -> dict[str, str]:
+    """Environment for an engine replica's process (and so for the engine processes it spawns)."""
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.resolved_device() == "cpu":
+        # Several engines share the node's cores: no pinning, and an even share of threads each.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.num_replicas))
+    return env
+
+
+def engine_args(cfg: KVPoolConfig, model_path: str):
+    from vllm import AsyncEngineArgs
+
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        served_model_name=cfg.model_name(),
+        max_model_len=cfg.max_model_len,
+        dtype=cfg.resolved_dtype(),
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        pipeline_parallel_size=cfg.pipeline_parallel_size,
+        block_size=cfg.block_size,
+        kv_cache_memory_bytes=cfg.kv_cache_bytes,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        enforce_eager=cfg.enforce_eager,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.block_size),
+        disable_log_stats=True,
+    )
+    if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
+        # Workers go into the replica's placement group (see app.builder.engine_deployment_options).
+        kwargs["distributed_executor_backend"] = "ray"
+    kwargs.update(cfg.engine_kwargs)
+    return AsyncEngineArgs(**kwargs)
+
+
+class EngineReplica:
+    def __init__(self, cfg: KVPoolConfig):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg
+        # Resolved here, on the replica's node: the embedded model is converted where it is used.
+        self.engine = AsyncLLM.from_engine_args(engine_args(cfg, resolve_model(cfg.model)))
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = req.sampling_params.clone()
+        params.output_kind = RequestOutputKind.DELTA
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params,
+                                              req.request_id):
+            comp = out.outputs[0]
+            yield GenerateChunk(
+                text=comp.text,
+                num_new_tokens=len(comp.token_ids),
+                num_cached_tokens=out.num_cached_tokens or 0,
+                finish_reason=comp.finish_reason if out.finished else None,
+            )
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

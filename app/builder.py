@@ -1,0 +1,42 @@
+"""Wires the Serve application: engine replicas behind an OpenAI ingress, all from one KVPoolConfig.
+
+No `from __future__ import annotations` here: Ray Serve reads the builder's parameter annotation as a class to
+validate `serve run` arguments into a KVPoolConfig.
+"""
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from actors.engine import EngineReplica, engine_env
+from app.ingress import OpenAIIngress
+from kvpool.config import KVPoolConfig
+
+
+def engine_deployment_options(cfg: KVPoolConfig) -> dict[str, Any]:
+    """Serve options for the engine deployment: replica count, resources, placement, backpressure."""
+    opts: dict[str, Any] = dict(
+        name="EngineReplica",
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        health_check_period_s=5,
+        graceful_shutdown_timeout_s=5,
+    )
+    actor: dict[str, Any] = {"num_cpus": cfg.replica_num_cpus, "runtime_env": {"env_vars": engine_env(cfg)}}
+    world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
+    if cfg.resolved_device() == "cuda":
+        if world == 1:
+            actor["num_gpus"] = 1
+        else:
+            # One bundle for the replica, one GPU bundle per engine worker, all on one node.
+            opts["placement_group_bundles"] = [{"CPU": cfg.replica_num_cpus}] + [{"GPU": 1}] * world
+            opts["placement_group_strategy"] = "STRICT_PACK"
+    opts["ray_actor_options"] = actor
+    return opts
+
+
+def build_app(args: KVPoolConfig) -> Application:
+    cfg = args if isinstance(args, KVPoolConfig) else KVPoolConfig.model_validate(args or {})
+    engine = serve.deployment(EngineReplica).options(**engine_deployment_options(cfg)).bind(cfg)
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(engine, cfg)

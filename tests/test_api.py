@@ -1,0 +1,125 @@
+"""The OpenAI API end to end: a real Serve app, real vLLM CPU engines, real HTTP, the official openai client."""
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+
+@pytest.fixture(scope="module")
+def client(tiny_app):
+    url, _ = tiny_app
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+MSG = [{"role": "user", "content": "the quick brown fox jumps over a lazy dog while agents read files " * 4}]
+
+
+def test_models_and_health(tiny_app, client):
+    url, cfg = tiny_app
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert 1 <= r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 32
+    assert r.usage.prompt_tokens_details.cached_tokens is not None
+
+
+def test_completion_with_text_and_token_ids(client):
+    r = client.completions.create(model="tiny", prompt="def f(): return", max_tokens=5, temperature=0)
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    r2 = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=3, temperature=0)
+    assert r2.usage.prompt_tokens == 4
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    kw = dict(model="tiny", messages=MSG, max_tokens=12, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens is not None
+
+
+def test_streaming_completion_reports_usage_without_include_usage(client):
+    chunks = list(client.completions.create(model="tiny", prompt="tests and write", max_tokens=4, temperature=0,
+                                            stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_repeated_request_reports_cached_tokens(client):
+    messages = [{"role": "user", "content": "cache block prefix router pool " * 30}]
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
+    # Both replicas may need to see it once before every route is a hit; three more tries are plenty.
+    cached = [client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
+              .usage.prompt_tokens_details.cached_tokens for _ in range(3)]
+    assert max(cached) >= 32 * ((first.usage.prompt_tokens - 1) // 32) > 0
+
+
+def _post(url, body: bytes):
+    return httpx.post(f"{url}/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+def _chat(**kw) -> bytes:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    body.update(kw)
+    return json.dumps(body).encode()
+
+
+BAD = {
+    "malformed json": (b'{"model": "tiny", "messages": [', 400, None),
+    "invalid utf-8": (b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
+    "missing messages": (json.dumps({"model": "tiny"}).encode(), 400, None),
+    "empty messages": (_chat(messages=[]), 400, None),
+    "unknown model": (_chat(model="gpt-17"), 404, "model_not_found"),
+    "prompt too long": (_chat(messages=[{"role": "user", "content": "fox " * 5000}]), 400,
+                        "context_length_exceeded"),
+    "max_tokens past context": (_chat(max_tokens=10_000), 400, "context_length_exceeded"),
+    "temperature": (_chat(temperature=-1), 400, None),
+    "top_p": (_chat(top_p=1.5), 400, None),
+    "max_tokens zero": (_chat(max_tokens=0), 400, None),
+    "stop type": (_chat(stop=5), 400, None),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_gets_openai_error(tiny_app, name):
+    url, _ = tiny_app
+    body, status, code = BAD[name]
+    r = _post(url, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+    if code:
+        assert err["code"] == code
+
+
+def test_unknown_route_is_json_404(tiny_app):
+    r = httpx.get(f"{tiny_app[0]}/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_bad_requests_do_not_harm_good_ones(tiny_app):
+    url, _ = tiny_app
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as c:
+            good = [c.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": f"fox {i}", "max_tokens": 4,
+                                                          "temperature": 0}) for i in range(4)]
+            bad = [c.post(f"{url}/v1/chat/completions", content=BAD[k][0],
+                          headers={"content-type": "application/json"}) for k in BAD]
+            return await asyncio.gather(*good, *bad)
+
+    results = asyncio.run(run())
+    assert [r.status_code for r in results[:4]] == [200] * 4
+    assert all(400 <= r.status_code < 500 for r in results[4:])
+    assert all(r.json()["usage"]["completion_tokens"] == 4 for r in results[:4])
