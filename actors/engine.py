@@ -6,12 +6,15 @@ OpenAI API reports, including how many prompt tokens came from the prefix cache.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from kvpool.config import KVPoolConfig
 from kvpool.model import resolve_model
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -41,8 +44,9 @@ def engine_env(cfg: KVPoolConfig) -> dict[str, str]:
     return env
 
 
-def engine_args(cfg: KVPoolConfig, model_path: str):
+def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | None = None, topic: str = ""):
     from vllm import AsyncEngineArgs
+    from vllm.config import KVEventsConfig
 
     kwargs: dict[str, Any] = dict(
         model=model_path,
@@ -59,6 +63,10 @@ def engine_args(cfg: KVPoolConfig, model_path: str):
         max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.block_size),
         disable_log_stats=True,
     )
+    if kv_events_endpoint:
+        # Connect (no '*') to the router's SUB socket; the topic names this replica in the router's index.
+        kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                    endpoint=kv_events_endpoint, topic=topic)
     if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         # Workers go into the replica's placement group (see app.builder.engine_deployment_options).
         kwargs["distributed_executor_backend"] = "ray"
@@ -68,11 +76,31 @@ def engine_args(cfg: KVPoolConfig, model_path: str):
 
 class EngineReplica:
     def __init__(self, cfg: KVPoolConfig):
+        from ray import serve
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.cfg = cfg
+        self.router = None
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        endpoint = self._router_endpoint(ctx.app_name) if cfg.prefix_routing else None
         # Resolved here, on the replica's node: the embedded model is converted where it is used.
-        self.engine = AsyncLLM.from_engine_args(engine_args(cfg, resolve_model(cfg.model)))
+        args = engine_args(cfg, resolve_model(cfg.model), endpoint, topic=self.replica_id)
+        self.engine = AsyncLLM.from_engine_args(args)
+
+    def _router_endpoint(self, app_name: str) -> str | None:
+        import ray
+
+        from actors.router import get_or_create_router
+
+        try:
+            self.router = get_or_create_router(self.cfg, app_name)
+            self._register()
+            return ray.get(self.router.endpoint.remote(), timeout=60)
+        except Exception:
+            # Serving without events is still correct; the router then sees this replica as holding nothing.
+            logger.exception("router unreachable: replica %s publishes no KV events", self.replica_id)
+            return None
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         from vllm.inputs import TokensPrompt
@@ -90,8 +118,15 @@ class EngineReplica:
                 finish_reason=comp.finish_reason if out.finished else None,
             )
 
+    def _register(self) -> None:
+        import ray
+
+        self.router.register.remote(self.replica_id, ray.get_runtime_context().current_actor)
+
     async def check_health(self) -> None:
         await self.engine.check_health()
+        if self.router is not None:
+            self._register()  # also re-introduces this replica to a restarted router
 
     def __del__(self):
         engine = getattr(self, "engine", None)

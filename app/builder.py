@@ -8,9 +8,11 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from actors.engine import EngineReplica, engine_env
 from app.ingress import OpenAIIngress
+from app.request_router import PrefixRequestRouter
 from kvpool.config import KVPoolConfig
 
 
@@ -23,6 +25,8 @@ def engine_deployment_options(cfg: KVPoolConfig) -> dict[str, Any]:
         health_check_period_s=5,
         graceful_shutdown_timeout_s=5,
     )
+    if cfg.prefix_routing:
+        opts["request_router_config"] = RequestRouterConfig(request_router_class=PrefixRequestRouter)
     actor: dict[str, Any] = {"num_cpus": cfg.replica_num_cpus, "runtime_env": {"env_vars": engine_env(cfg)}}
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     if cfg.resolved_device() == "cuda":

@@ -1,12 +1,15 @@
 """The HTTP ingress: OpenAI API in, tokenize once, hand token ids to an engine replica, stream out.
 
 This file is the request path. Read it top to bottom: `chat_completions` / `completions` parse and tokenize,
-`_generate` checks limits and builds sampling parameters, `_respond` sends the request to an engine replica through
-its Serve handle and turns the engine's chunks into an OpenAI response or an SSE stream.
+`_generate` checks limits, builds sampling parameters and asks the router actor for the replica that will compute
+least (`_route`), sends the token ids to that replica through the engine deployment's Serve handle (the plug-in in
+app/request_router.py honours the choice), and `_collect` / `_stream` turn the engine's chunks into an OpenAI
+response or an SSE stream while `_tracked` reports the request's progress back to the router.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any, AsyncIterator
@@ -18,8 +21,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.engine import GenerateChunk, GenerateRequest
+from actors.router import get_or_create_router
 from app import protocol as oa
 from kvpool.config import KVPoolConfig
+from kvpool.hashing import block_hashes
+from kvpool.routing import Decision
 from kvpool.model import resolve_model
 from kvpool.prompt import PromptError, PromptRenderer
 
@@ -47,12 +53,24 @@ class OpenAIIngress:
         self.cfg = cfg
         self.model_name = cfg.model_name()
         self.renderer = PromptRenderer.from_pretrained(resolve_model(cfg.model))
+        app_name = serve.get_replica_context().app_name
+        self.router = get_or_create_router(cfg, app_name) if cfg.prefix_routing else None
 
     # --- endpoints -----------------------------------------------------------------------------------------------
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/v1/kvpool/stats")
+    async def kvpool_stats(self) -> dict[str, Any]:
+        """The router's view, for people: per replica hit rate, prediction accuracy, queues; decisions by reason."""
+        if self.router is None:
+            raise oa.OpenAIError(404, "prefix routing is off in this deployment", code="not_found")
+        try:
+            return await asyncio.wait_for(self.router.stats.remote(), timeout=5)
+        except Exception as e:
+            raise oa.OpenAIError(503, f"router unavailable: {type(e).__name__}", type="server_error") from None
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -105,13 +123,47 @@ class OpenAIIngress:
         except (ValueError, TypeError) as e:
             raise oa.OpenAIError(400, f"invalid sampling parameters: {e}") from None
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=params)
-        chunks = self.engine.options(stream=True).generate.remote(gen)
+        decision = await self._route(rid, ids)
+        gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=params,
+                              route={"replica": decision.replica} if decision else {})
+        chunks = self._tracked(self.engine.options(stream=True).generate.remote(gen), rid, decision)
+        headers = {"x-kvpool-route-reason": decision.reason if decision else "fallback"}
+        if decision:
+            headers["x-kvpool-replica"] = decision.replica
+            headers["x-kvpool-predicted-cached-tokens"] = str(decision.predicted_cached_tokens)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._stream(chunks, rid, kind, len(ids), include_usage),
-                                     media_type="text/event-stream")
-        return await self._collect(chunks, rid, kind, len(ids))
+                                     media_type="text/event-stream", headers=headers)
+        return JSONResponse(await self._collect(chunks, rid, kind, len(ids)), headers=headers)
+
+    async def _route(self, rid: str, ids: list[int]) -> Decision | None:
+        """Ask the router for the cheapest replica; None (Serve's fallback rule) if it is off, down or slow."""
+        if self.router is None:
+            return None
+        # Only full blocks before the last token can be cache hits (the engine always computes the last token).
+        hashes = block_hashes(ids[:-1], self.cfg.block_size)
+        try:
+            return await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids)),
+                                          timeout=self.cfg.route_timeout_s)
+        except Exception as e:
+            logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)
+            return None
+
+    async def _tracked(self, chunks: AsyncIterator[GenerateChunk], rid: str,
+                       decision: Decision | None) -> AsyncIterator[GenerateChunk]:
+        """Pass chunks through, telling the router when prefill ended and what the engine actually had cached."""
+        cached, ok = None, False
+        try:
+            async for c in chunks:
+                if cached is None and decision:
+                    self.router.started.remote(rid)
+                cached = max(cached or 0, c.num_cached_tokens)
+                yield c
+            ok = True
+        finally:
+            if decision:
+                self.router.finished.remote(rid, cached if ok else None)
 
     async def _collect(self, chunks: AsyncIterator[GenerateChunk], rid: str, kind: str, n_prompt: int):
         text, n_out, cached, finish = [], 0, 0, None

@@ -17,11 +17,21 @@ def main(argv: list[str] | None = None) -> None:
     single.add_argument("--timeout", type=float, default=600)
     single.add_argument("overrides", nargs="*", help="KVPoolConfig overrides, key=value")
 
+    router = bench.add_parser("router", help="routing decision latency and KV-event ingest rate, no engines")
+    router.add_argument("--blocks", type=int, default=1_000_000, help="blocks to index")
+    router.add_argument("--replicas", type=int, default=8)
+    router.add_argument("--sessions", type=int, default=0, help="0: as many as --blocks holds")
+    router.add_argument("--prompt-tokens", type=int, default=100_000)
+    router.add_argument("--block-size", type=int, default=32)
+    router.add_argument("--blocks-per-event", type=int, default=16)
+    router.add_argument("--decisions", type=int, default=500)
+
     args = parser.parse_args(argv)
     if args.bench == "single":
         from kvpool.bench.single import run
-
-        print(json.dumps(run(args)))
+    else:
+        from kvpool.bench.router import run
+    print(json.dumps(run(args)))
 
 
 if __name__ == "__main__":

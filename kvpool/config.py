@@ -45,6 +45,14 @@ class KVPoolConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, description="Serve backpressure: requests in flight per replica.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm AsyncEngineArgs.")
 
+    # --- routing -----------------------------------------------------------------------------------------------
+    prefix_routing: bool = Field(True, description="Route by the exact prefix index; off: Serve's power-of-two.")
+    router_port: int = Field(5557, ge=1, le=65535, description="Port the router binds for the engines' KV events.")
+    route_running_cost_tokens: int = Field(
+        64, ge=0, description="Routing cost of one running request, in prefill tokens (prices decode load)."
+    )
+    route_timeout_s: float = Field(0.5, gt=0, description="Past this, a request is routed by the fallback rule.")
+
     # --- HTTP (host and port are Serve's http_options: `serve run --port`, or serve_config.yaml) -------------
     max_tokens_default: int = Field(
         1024, ge=1, description="Completion cap when a request sets no max_tokens (still bounded by the context)."

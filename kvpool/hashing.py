@@ -16,6 +16,7 @@ are used for routing only, where a collision costs a mis-route and never wrong o
 
 from __future__ import annotations
 
+import array
 import hashlib
 from typing import Sequence
 
@@ -48,6 +49,13 @@ def chain_seed(extra_keys: Sequence[object] = ()) -> int:
     return int.from_bytes(digest, "little")
 
 
+def _as_u64(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    if isinstance(tokens, np.ndarray):
+        return tokens.astype(np.uint64, copy=False)
+    # array('q') converts a list of ints ~1.5x faster than np.asarray; token ids are never negative.
+    return np.frombuffer(array.array("q", tokens), dtype=np.uint64)
+
+
 def _block_terms(tokens: np.ndarray, block_size: int, first_pos: int) -> np.ndarray:
     """mix(c_j + j*P) for each full block of `tokens` (a 1-D array whose length is a multiple of block_size)."""
     blocks = tokens.reshape(-1, block_size)
@@ -62,7 +70,7 @@ def prefix_sums(tokens: Sequence[int] | np.ndarray, block_size: int, seed: int =
     and whose next block is number `first_pos`. Trailing tokens that do not fill a block are ignored."""
     if block_size > _MAX_BLOCK:
         raise ValueError(f"block_size {block_size} > {_MAX_BLOCK}")
-    arr = np.asarray(tokens, dtype=np.uint64)
+    arr = _as_u64(tokens)
     n_full = len(arr) // block_size * block_size
     if n_full == 0:
         return np.empty(0, dtype=np.uint64)

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import build_tiny_model  # noqa: E402
 
 TEST_BLOCK = 32
+TINY_KV_BYTES = 24 << 20
+TINY_KV_BYTES_PER_TOKEN = 1024
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +64,10 @@ def tiny_app(ray_cluster, tiny_model_dir):
     from app.builder import build_app
     from kvpool.config import KVPoolConfig
 
+    # 24 MiB of KV per replica = 24K tokens of the tiny model (fp32: 1 KiB/token), small enough to evict in tests.
     cfg = KVPoolConfig(model=str(tiny_model_dir), served_model_name="tiny", num_replicas=2, max_model_len=4096,
-                       kv_cache_bytes=128 << 20, block_size=TEST_BLOCK, max_tokens_default=32)
+                       kv_cache_bytes=TINY_KV_BYTES, block_size=TEST_BLOCK, max_tokens_default=32,
+                       router_port=5591)
     serve.run(build_app(cfg), name="tiny", route_prefix="/tiny", blocking=False)
     url = "http://127.0.0.1:8000/tiny"
     wait_ready(url, "tiny")

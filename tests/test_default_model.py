@@ -9,7 +9,7 @@ from kvpool.config import KVPoolConfig
 
 
 def test_embedded_smollm2_knows_paris(ray_cluster):
-    cfg = KVPoolConfig(num_replicas=1, max_model_len=2048, kv_cache_bytes=256 << 20)
+    cfg = KVPoolConfig(num_replicas=1, max_model_len=2048, kv_cache_bytes=256 << 20, router_port=5592)
     serve.run(build_app(cfg), name="smol", route_prefix="/smol", blocking=False)
     try:
         wait_ready("http://127.0.0.1:8000/smol", cfg.model_name(), timeout=400)

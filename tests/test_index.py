@@ -1,0 +1,146 @@
+"""The prefix index and the routing rule, on synthetic engine events (the real-engine tests are in test_routing)."""
+
+import random
+
+import numpy as np
+import pytest
+
+from kvpool.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_message, encode_message
+from kvpool.hashing import block_hashes, chain_seed, prefix_sums
+from kvpool.index import PrefixIndex
+from kvpool.routing import ReplicaLoad, choose
+
+BS = 32
+
+
+def stored(tokens, first_block, n_blocks, parent=None, tag=0):
+    """A BlockStored for blocks [first_block, first_block + n_blocks) of `tokens`, engine hashes made up."""
+    ehash = [hash((tag, first_block + i)) for i in range(n_blocks)]
+    return BlockStored(block_hashes=ehash, parent_block_hash=parent,
+                       token_ids=tokens[first_block * BS:(first_block + n_blocks) * BS], block_size=BS)
+
+
+def test_hash_chain_is_prefix_dependent_and_deterministic():
+    a = list(range(100, 100 + 4 * BS))
+    b = a[:BS] + [7] + a[BS + 1:]
+    ha, hb = block_hashes(a, BS), block_hashes(b, BS)
+    assert len(ha) == 4 and ha[0] == hb[0]
+    assert all(ha[i] != hb[i] for i in range(1, 4))  # a change in block 1 changes every later hash
+    assert np.array_equal(ha, block_hashes(a + [1, 2, 3], BS))  # partial trailing block ignored
+    assert not np.array_equal(ha, block_hashes(a, BS, extra_keys=("tenant-b",)))
+    swapped = a[1:2] + a[0:1] + a[2:]
+    assert block_hashes(swapped, BS)[0] != ha[0]  # order inside a block matters
+
+
+def test_chain_continues_across_split_events():
+    toks = list(range(5 * BS))
+    whole = prefix_sums(toks, BS)
+    part = prefix_sums(toks[2 * BS:], BS, seed=int(whole[1]), first_pos=2)
+    assert np.array_equal(whole[2:], part)
+
+
+def test_index_parity_with_request_hashes_across_events():
+    toks = [random.Random(1).randrange(50_000) for _ in range(6 * BS + 5)]
+    idx = PrefixIndex(BS)
+    e1 = stored(toks, 0, 2)
+    e2 = stored(toks, 2, 4, parent=e1.block_hashes[-1])
+    assert idx.apply("A", e1) and idx.apply("A", e2)
+    assert idx.match(block_hashes(toks, BS)) == {"A": 6}
+    other = toks[: 3 * BS] + [0] * (3 * BS)
+    assert idx.match(block_hashes(other, BS)) == {"A": 3}
+
+
+def test_unknown_parent_is_reported_not_guessed():
+    idx = PrefixIndex(BS)
+    assert not idx.apply("A", stored(list(range(4 * BS)), 2, 2, parent=12345))
+    assert idx.num_blocks("A") == 0
+
+
+def test_eviction_and_clear_remove_blocks():
+    toks = list(range(4 * BS))
+    idx = PrefixIndex(BS)
+    ev = stored(toks, 0, 4)
+    idx.apply("A", ev)
+    idx.apply("B", stored(toks, 0, 4, tag=1))
+    idx.apply("A", BlockRemoved(block_hashes=ev.block_hashes[2:]))
+    assert idx.match(block_hashes(toks, BS)) == {"A": 2, "B": 4}
+    idx.apply("B", AllBlocksCleared())
+    assert idx.match(block_hashes(toks, BS)) == {"A": 2, "B": 0}
+    idx.remove_replica("A")
+    assert idx.replicas() == ["B"] and idx.num_blocks() == 0
+    # Offload-tier events do not count as device cache.
+    idx.apply("B", BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=toks[:BS], block_size=BS,
+                               medium="CPU"))
+    assert idx.num_blocks("B") == 0
+
+
+def test_block_size_mismatch_is_loud():
+    with pytest.raises(ValueError):
+        PrefixIndex(64).apply("A", stored(list(range(BS)), 0, 1))
+
+
+def test_salted_chains_do_not_match_unsalted_requests():
+    toks = list(range(2 * BS))
+    idx = PrefixIndex(BS)
+    idx.apply("A", BlockStored(block_hashes=[1, 2], parent_block_hash=None, token_ids=toks, block_size=BS,
+                               extra_keys=[["salt-a"], None]))
+    assert idx.match(block_hashes(toks, BS)) == {"A": 0}
+    assert idx.match(block_hashes(toks, BS, extra_keys=("salt-a",))) == {"A": 2}
+    assert chain_seed(("salt-a",)) != 0
+
+
+def test_wire_round_trip_matches_vllm_encoding():
+    import msgspec
+    from vllm.distributed.kv_events import BlockStored as VBlockStored, KVEventBatch
+
+    v = KVEventBatch(ts=1.5, events=[VBlockStored(block_hashes=[11, 12], parent_block_hash=None,
+                                                  token_ids=list(range(2 * BS)), block_size=BS, lora_id=None,
+                                                  medium="GPU", lora_name=None)])
+    topic, seq, batch = decode_message([b"replica-1", (7).to_bytes(8, "big"), msgspec.msgpack.encode(v)])
+    assert (topic, seq) == ("replica-1", 7) and batch.events[0].block_hashes == [11, 12]
+    again = decode_message(encode_message("r", 3, EventBatch(ts=1.0, events=batch.events)))
+    assert again[2].events[0].token_ids == list(range(2 * BS))
+
+
+# --- the routing rule ------------------------------------------------------------------------------------------
+
+
+def test_prefers_cached_replica():
+    d = choose(10_000, {"A": 9_000, "B": 0}, {}, 64)
+    assert d.replica == "A" and d.reason == "prefix" and d.predicted_cached_tokens == 9_000
+
+
+def test_session_stays_unless_overloaded():
+    loads = {"A": ReplicaLoad(queued_prefill_tokens=5_000, running=3)}
+    assert choose(50_000, {"A": 48_000, "B": 0}, loads, 64).replica == "A"
+    loads["A"].queued_prefill_tokens = 60_000
+    d = choose(50_000, {"A": 48_000, "B": 0}, loads, 64)
+    assert d.replica == "B" and d.reason == "load"
+
+
+def test_hot_system_prompt_does_not_pile_onto_one_replica():
+    """Every session starts with the same 2K-token system prompt; sessions must spread over both replicas."""
+    loads = {"A": ReplicaLoad(), "B": ReplicaLoad()}
+    cached = {"A": 0, "B": 0}
+    placed = []
+    rng = random.Random(0)
+    for _ in range(16):
+        d = choose(3_000, dict(cached), loads, 64, rng)
+        placed.append(d.replica)
+        loads[d.replica].queued_prefill_tokens += 3_000 - d.predicted_cached_tokens
+        loads[d.replica].running += 1
+        cached[d.replica] = 2_048  # the system prompt is now cached there
+    assert placed.count("A") >= 6 and placed.count("B") >= 6
+
+
+def test_equal_replicas_share_load():
+    rng = random.Random(0)
+    picks = [choose(100, {"A": 0, "B": 0, "C": 0}, {}, 64, rng).replica for _ in range(300)]
+    assert all(picks.count(r) > 60 for r in "ABC")
+    d = choose(100, {"A": 0, "B": 0}, {"A": ReplicaLoad(running=2), "B": ReplicaLoad(running=1)}, 0, rng)
+    assert d.replica == "B" and d.reason == "balance"
+
+
+def test_no_candidates_is_an_error():
+    with pytest.raises(ValueError):
+        choose(10, {}, {}, 64)

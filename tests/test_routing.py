@@ -1,0 +1,123 @@
+"""Prefix routing against real parts: 2 vLLM CPU engines publishing KV events, the router actor, Serve, HTTP."""
+
+import random
+import time
+
+import httpx
+import pytest
+import ray
+
+from conftest import TEST_BLOCK, TINY_KV_BYTES, TINY_KV_BYTES_PER_TOKEN
+
+WORDS = "the quick brown fox jumps over a lazy dog while agents read files run tests and write code".split()
+
+
+def text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def chat(url, messages, max_tokens=8):
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                   json={"model": "tiny", "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def stats(url):
+    return httpx.get(f"{url}/v1/kvpool/stats", timeout=10).json()
+
+
+def wait_live(url, n, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        live = [r for r, s in stats(url)["replicas"].items() if s["live"]]
+        if len(live) == n:
+            return live
+        time.sleep(0.5)
+    raise TimeoutError(f"not {n} live replicas")
+
+
+def test_multi_turn_sessions_hit_cache_every_turn_and_spread(tiny_app):
+    url, _ = tiny_app
+    wait_live(url, 2)
+    rng = random.Random(7)
+    sessions = [[{"role": "system", "content": f"session {s}: " + text(rng, 150)}] for s in range(6)]
+    replicas, exact, turns = set(), 0, 0
+    for turn in range(4):
+        for s, msgs in enumerate(sessions):
+            msgs.append({"role": "user", "content": text(rng, 60)})
+            r = chat(url, msgs)
+            body = r.json()
+            msgs.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+            cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            predicted = int(r.headers["x-kvpool-predicted-cached-tokens"])
+            replicas.add(r.headers["x-kvpool-replica"])
+            if turn > 0:
+                turns += 1
+                assert cached > 0, f"session {s} turn {turn}: no cache hit ({r.headers})"
+                assert r.headers["x-kvpool-route-reason"] == "prefix"
+                exact += predicted == cached
+    assert len(replicas) == 2, "sessions did not spread over both replicas"
+    # Hash parity with the engine: the router predicts exactly what the engine then reports.
+    assert exact >= 0.9 * turns, f"predicted == delivered in only {exact}/{turns} turns"
+    st = stats(url)
+    assert st["decisions"].get("prefix", 0) >= turns
+    assert all(s["prediction_exact_rate"] is not None for s in st["replicas"].values() if s["live"])
+
+
+def test_evictions_leave_the_index(tiny_app):
+    url, _ = tiny_app
+    capacity_blocks = TINY_KV_BYTES // TINY_KV_BYTES_PER_TOKEN // TEST_BLOCK
+    rng = random.Random(11)
+    first = [{"role": "user", "content": text(rng, 1500)}]
+    chat(url, first, max_tokens=1)
+    # Distinct long prompts well past both replicas' KV capacity force LRU evictions.
+    for _ in range(24):
+        chat(url, [{"role": "user", "content": text(rng, 1500)}], max_tokens=1)
+    time.sleep(0.5)
+    st = stats(url)
+    for replica, s in st["replicas"].items():
+        if s["live"]:
+            assert 0 < s["indexed_blocks"] <= capacity_blocks, (replica, s)
+    # The router's picture still equals the engine's: what it predicts for the evicted prompt is what is there.
+    r = chat(url, first, max_tokens=1)
+    assert int(r.headers["x-kvpool-predicted-cached-tokens"]) == r.json()["usage"]["prompt_tokens_details"][
+        "cached_tokens"]
+
+
+def test_router_death_falls_back_then_rebuilds(tiny_app):
+    url, _ = tiny_app
+    from actors.router import NAMESPACE, router_name
+
+    router = ray.get_actor(router_name("tiny"), namespace=NAMESPACE)
+    ray.kill(router, no_restart=False)
+    rng = random.Random(3)
+    msgs = [{"role": "user", "content": text(rng, 300)}]
+    # Requests keep flowing while it restarts (fallback rule), and routing comes back.
+    reasons = [chat(url, msgs).headers["x-kvpool-route-reason"] for _ in range(3)]
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        r = chat(url, msgs)
+        if r.headers["x-kvpool-route-reason"] == "prefix":
+            break
+        time.sleep(0.5)
+    assert r.headers["x-kvpool-route-reason"] == "prefix", reasons
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
+    url, _ = tiny_app
+    before = wait_live(url, 2)
+    victim = before[0]
+    handle = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if victim in a["name"])
+    ray.kill(ray.get_actor(handle["name"], namespace=handle["namespace"]), no_restart=True)
+    t0 = time.time()
+    while victim in [r for r, s in stats(url)["replicas"].items() if s["live"] or s["indexed_blocks"]]:
+        assert time.time() - t0 < 1.5, "dead replica still in the index"
+        time.sleep(0.05)
+    print(f"dead replica left the index after {time.time() - t0:.2f}s")
+    # Serve replaces it; the new replica joins and serves.
+    after = wait_live(url, 2, timeout=240)
+    assert victim not in after
+    chat(url, [{"role": "user", "content": "fox"}])
