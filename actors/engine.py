@@ -63,6 +63,10 @@ def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | No
         max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.block_size),
         disable_log_stats=True,
     )
+    if cfg.pool_enabled:
+        from kvpool.connector import kv_transfer_config
+
+        kwargs["kv_transfer_config"] = kv_transfer_config(cfg.pool_host_dir_resolved(), cfg.pool_disk_dir_resolved())
     if kv_events_endpoint:
         # Connect (no '*') to the router's SUB socket; the topic names this replica in the router's index.
         kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
@@ -87,6 +91,8 @@ class EngineReplica:
         # Resolved here, on the replica's node: the embedded model is converted where it is used.
         args = engine_args(cfg, resolve_model(cfg.model), endpoint, topic=self.replica_id)
         self.engine = AsyncLLM.from_engine_args(args)
+        if self.router is not None:
+            self._register()
 
     def _router_endpoint(self, app_name: str) -> str | None:
         import ray
@@ -95,7 +101,6 @@ class EngineReplica:
 
         try:
             self.router = get_or_create_router(self.cfg, app_name)
-            self._register()
             return ray.get(self.router.endpoint.remote(), timeout=60)
         except Exception:
             # Serving without events is still correct; the router then sees this replica as holding nothing.
@@ -121,7 +126,12 @@ class EngineReplica:
     def _register(self) -> None:
         import ray
 
-        self.router.register.remote(self.replica_id, ray.get_runtime_context().current_actor)
+        layout = None
+        if self.cfg.pool_enabled:
+            from kvpool.connector import layout_name
+
+            layout = layout_name(self.engine.vllm_config, rank=0)
+        self.router.register.remote(self.replica_id, ray.get_runtime_context().current_actor, layout)
 
     async def check_health(self) -> None:
         await self.engine.check_health()

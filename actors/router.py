@@ -27,6 +27,7 @@ import zmq.asyncio
 from kvpool.config import KVPoolConfig
 from kvpool.events import decode_message
 from kvpool.index import PrefixIndex
+from kvpool.pool_store import PoolStore
 from kvpool.routing import Decision, ReplicaLoad, choose
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class RouterActor:
         self._consumer: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self.actors: dict[str, ray.actor.ActorHandle] = {}  # replica -> its Serve replica actor
+        self.pool: PoolStore | None = None  # the node's shared pool, as the engines lay it out
 
     def _ensure_consumer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -107,18 +109,26 @@ class RouterActor:
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = loop.create_task(self._watch_replicas())
 
-    async def _watch_replicas(self, period_s: float = 0.25) -> None:
+    async def _watch_replicas(self, period_s: float = 0.2) -> None:
         """Drop replicas whose actor died. Only death counts: a busy replica that answers late is alive."""
+
+        async def ping(replica: str, actor) -> None:
+            try:
+                await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=2)
+            except ray.exceptions.RayActorError:
+                logger.warning("replica %s died: dropped from the index", replica)
+                self._drop(replica)
+            except Exception:  # slow or unreachable for now: not proof of death
+                pass
+
+        pending: dict[str, asyncio.Task] = {}
         while True:
             await asyncio.sleep(period_s)
+            for gone in set(pending) - set(self.actors):
+                pending.pop(gone)
             for replica, actor in list(self.actors.items()):
-                try:
-                    await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=period_s)
-                except asyncio.TimeoutError:
-                    continue
-                except ray.exceptions.RayActorError:
-                    logger.warning("replica %s died: dropped from the index", replica)
-                    self._drop(replica)
+                if replica not in pending or pending[replica].done():
+                    pending[replica] = asyncio.get_running_loop().create_task(ping(replica, actor))
 
     def _drop(self, replica: str) -> None:
         self.index.remove_replica(replica)
@@ -162,10 +172,12 @@ class RouterActor:
         self._ensure_consumer()
         return self._endpoint
 
-    async def register(self, replica: str, actor: ray.actor.ActorHandle) -> None:
-        """An engine replica announces its actor, so the watchdog can notice its death."""
+    async def register(self, replica: str, actor: ray.actor.ActorHandle, pool_layout: str | None = None) -> None:
+        """An engine replica announces its actor (so the watchdog notices its death) and its pool layout."""
         self._ensure_consumer()
         self.actors[replica] = actor
+        if pool_layout and self.pool is None:
+            self.pool = PoolStore(self.cfg.pool_host_dir_resolved(), self.cfg.pool_disk_dir_resolved(), pool_layout)
 
     async def set_replicas(self, replicas: list[str]) -> None:
         """Serve's current replica list: replicas that left are dropped from the index and the queues."""
@@ -174,7 +186,9 @@ class RouterActor:
             self._drop(gone)
         self.live = list(replicas)
 
-    async def route(self, request_id: str, hashes: np.ndarray, prompt_tokens: int) -> Decision | None:
+    async def route(self, request_id: str, hashes: np.ndarray, prompt_tokens: int,
+                    pool_keys: list[str] | None = None) -> Decision | None:
+        """The cheapest live replica for a request, given the chain hashes of its prompt (and its pool keys)."""
         self._ensure_consumer()
         if not self.live:
             return None
@@ -183,7 +197,11 @@ class RouterActor:
         max_cached = (prompt_tokens - 1) // bs * bs
         matched = self.index.match(hashes, self.live)
         cached = {r: min(n * bs, max_cached) for r, n in matched.items()}
-        d = choose(prompt_tokens, cached, self.loads, self.cfg.route_running_cost_tokens)
+        pooled = 0
+        if pool_keys and self.pool is not None:
+            pooled = min(self.pool.leading_hits(pool_keys) * bs, max_cached)
+        d = choose(prompt_tokens, cached, self.loads, self.cfg.route_running_cost_tokens, pooled,
+                   self.cfg.route_pool_load_cost)
         load = self.loads.setdefault(d.replica, ReplicaLoad())
         uncached = prompt_tokens - d.predicted_cached_tokens
         load.queued_prefill_tokens += uncached

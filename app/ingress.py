@@ -21,10 +21,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.engine import GenerateChunk, GenerateRequest
+from actors.pool import get_or_create_pool
 from actors.router import get_or_create_router
 from app import protocol as oa
 from kvpool.config import KVPoolConfig
 from kvpool.hashing import block_hashes
+from kvpool.pool_store import pool_keys, request_namespace
 from kvpool.routing import Decision
 from kvpool.model import resolve_model
 from kvpool.prompt import PromptError, PromptRenderer
@@ -55,6 +57,9 @@ class OpenAIIngress:
         self.renderer = PromptRenderer.from_pretrained(resolve_model(cfg.model))
         app_name = serve.get_replica_context().app_name
         self.router = get_or_create_router(cfg, app_name) if cfg.prefix_routing else None
+        self.pool = get_or_create_pool(cfg, app_name) if cfg.pool_enabled else None
+        if self.pool is not None:
+            self.pool.start.remote()
 
     # --- endpoints -----------------------------------------------------------------------------------------------
 
@@ -64,13 +69,18 @@ class OpenAIIngress:
 
     @api.get("/v1/kvpool/stats")
     async def kvpool_stats(self) -> dict[str, Any]:
-        """The router's view, for people: per replica hit rate, prediction accuracy, queues; decisions by reason."""
-        if self.router is None:
-            raise oa.OpenAIError(404, "prefix routing is off in this deployment", code="not_found")
-        try:
-            return await asyncio.wait_for(self.router.stats.remote(), timeout=5)
-        except Exception as e:
-            raise oa.OpenAIError(503, f"router unavailable: {type(e).__name__}", type="server_error") from None
+        """For people: the router's view (per replica hit rate, prediction accuracy, queues, decisions by reason)
+        and the pool's (bytes and blocks per tier, demotions, evictions)."""
+        out: dict[str, Any] = {}
+        for name, actor in (("router", self.router), ("pool", self.pool)):
+            if actor is None:
+                out[name] = None
+                continue
+            try:
+                out[name] = await asyncio.wait_for(actor.stats.remote(), timeout=5)
+            except Exception as e:
+                out[name] = {"error": f"unavailable: {type(e).__name__}"}
+        return out
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -143,8 +153,9 @@ class OpenAIIngress:
             return None
         # Only full blocks before the last token can be cache hits (the engine always computes the last token).
         hashes = block_hashes(ids[:-1], self.cfg.block_size)
+        keys = pool_keys(ids[:-1], self.cfg.block_size, request_namespace()) if self.pool is not None else None
         try:
-            return await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids)),
+            return await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), keys),
                                           timeout=self.cfg.route_timeout_s)
         except Exception as e:
             logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)

@@ -26,11 +26,22 @@ def main(argv: list[str] | None = None) -> None:
     router.add_argument("--blocks-per-event", type=int, default=16)
     router.add_argument("--decisions", type=int, default=500)
 
+    transfer = bench.add_parser("transfer", help="pool write/read bandwidth vs memcpy (default: SmolLM2 KV blocks)")
+    transfer.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
+    transfer.add_argument("--block-size", type=int, default=32)
+    transfer.add_argument("--layers", type=int, default=30)
+    transfer.add_argument("--kv-heads", type=int, default=3)
+    transfer.add_argument("--head-dim", type=int, default=64)
+    transfer.add_argument("--dtype-bytes", type=int, default=4, help="4: float32, the CPU default")
+    transfer.add_argument("--dir", default="/dev/shm", help="where the host tier lives (a tmpfs)")
+
     args = parser.parse_args(argv)
     if args.bench == "single":
         from kvpool.bench.single import run
-    else:
+    elif args.bench == "router":
         from kvpool.bench.router import run
+    else:
+        from kvpool.bench.transfer import run
     print(json.dumps(run(args)))
 
 

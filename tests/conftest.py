@@ -57,7 +57,7 @@ def wait_ready(url: str, model: str, timeout: float = 240) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_app(ray_cluster, tiny_model_dir):
+def tiny_app(ray_cluster, tiny_model_dir, tmp_path_factory):
     """The KV-Pool app with 2 engine replicas of the tiny model; yields (base_url, config)."""
     from ray import serve
 
@@ -67,7 +67,8 @@ def tiny_app(ray_cluster, tiny_model_dir):
     # 24 MiB of KV per replica = 24K tokens of the tiny model (fp32: 1 KiB/token), small enough to evict in tests.
     cfg = KVPoolConfig(model=str(tiny_model_dir), served_model_name="tiny", num_replicas=2, max_model_len=4096,
                        kv_cache_bytes=TINY_KV_BYTES, block_size=TEST_BLOCK, max_tokens_default=32,
-                       router_port=5591)
+                       router_port=5591, pool_host_dir=str(tmp_path_factory.mktemp("pool-host")),
+                       pool_disk_dir=str(tmp_path_factory.mktemp("pool-disk")))
     serve.run(build_app(cfg), name="tiny", route_prefix="/tiny", blocking=False)
     url = "http://127.0.0.1:8000/tiny"
     wait_ready(url, "tiny")

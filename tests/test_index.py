@@ -125,7 +125,7 @@ def test_hot_system_prompt_does_not_pile_onto_one_replica():
     placed = []
     rng = random.Random(0)
     for _ in range(16):
-        d = choose(3_000, dict(cached), loads, 64, rng)
+        d = choose(3_000, dict(cached), loads, 64, rng=rng)
         placed.append(d.replica)
         loads[d.replica].queued_prefill_tokens += 3_000 - d.predicted_cached_tokens
         loads[d.replica].running += 1
@@ -135,10 +135,22 @@ def test_hot_system_prompt_does_not_pile_onto_one_replica():
 
 def test_equal_replicas_share_load():
     rng = random.Random(0)
-    picks = [choose(100, {"A": 0, "B": 0, "C": 0}, {}, 64, rng).replica for _ in range(300)]
+    picks = [choose(100, {"A": 0, "B": 0, "C": 0}, {}, 64, rng=rng).replica for _ in range(300)]
     assert all(picks.count(r) > 60 for r in "ABC")
-    d = choose(100, {"A": 0, "B": 0}, {"A": ReplicaLoad(running=2), "B": ReplicaLoad(running=1)}, 0, rng)
+    d = choose(100, {"A": 0, "B": 0}, {"A": ReplicaLoad(running=2), "B": ReplicaLoad(running=1)}, 0, rng=rng)
     assert d.replica == "B" and d.reason == "balance"
+
+
+def test_pool_makes_any_replica_nearly_as_good():
+    # A holds 8K of the prompt locally but has a queue; the pool holds 8K too, so B loads it and wins.
+    loads = {"A": ReplicaLoad(queued_prefill_tokens=3_000)}
+    d = choose(10_000, {"A": 8_000, "B": 0}, loads, 64, pool_tokens=8_000, pool_load_cost=0.05)
+    assert d.replica == "B" and d.reason == "pool" and d.predicted_cached_tokens == 8_000
+    # Without the pool B would have to compute all 10K: A wins despite its queue.
+    assert choose(10_000, {"A": 8_000, "B": 0}, loads, 64).replica == "A"
+    # The pool extends a replica's own shorter hit.
+    d = choose(10_000, {"A": 2_000}, {}, 64, pool_tokens=6_000, pool_load_cost=0.05)
+    assert d.predicted_cached_tokens == 6_000 and d.costs["A"] == 4_000 + 200
 
 
 def test_no_candidates_is_an_error():

@@ -24,7 +24,7 @@ def chat(url, messages, max_tokens=8):
 
 
 def stats(url):
-    return httpx.get(f"{url}/v1/kvpool/stats", timeout=10).json()
+    return httpx.get(f"{url}/v1/kvpool/stats", timeout=10).json()["router"]
 
 
 def wait_live(url, n, timeout=180):
@@ -107,8 +107,12 @@ def test_router_death_falls_back_then_rebuilds(tiny_app):
 
 def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
     url, _ = tiny_app
-    before = wait_live(url, 2)
-    victim = before[0]
+    wait_live(url, 2)
+    # The replica that computed this prompt dies; the prompt must then come from the pool, not be recomputed.
+    msgs = [{"role": "user", "content": text(random.Random(5), 1200)}]
+    first = chat(url, msgs, max_tokens=1)
+    victim, n_first = first.headers["x-kvpool-replica"], first.json()["usage"]["prompt_tokens"]
+    time.sleep(0.5)  # the pool writes in the background
     handle = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                   if victim in a["name"])
     ray.kill(ray.get_actor(handle["name"], namespace=handle["namespace"]), no_restart=True)
@@ -118,6 +122,11 @@ def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
         time.sleep(0.05)
     print(f"dead replica left the index after {time.time() - t0:.2f}s")
     # Serve replaces it; the new replica joins and serves.
+    msgs.append({"role": "user", "content": "and now?"})
+    r = chat(url, msgs)
+    cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert r.headers["x-kvpool-replica"] != victim and r.headers["x-kvpool-route-reason"] == "pool"
+    assert cached >= (n_first // TEST_BLOCK - 1) * TEST_BLOCK and int(r.headers["x-kvpool-predicted-cached-tokens"]) == cached
     after = wait_live(url, 2, timeout=240)
     assert victim not in after
     chat(url, [{"role": "user", "content": "fox"}])

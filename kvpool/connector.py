@@ -1,0 +1,254 @@
+"""KVPoolConnector: vLLM's KV connector (V1) between an engine's paged KV cache and the shared pool (pool_store).
+
+Loaded by vLLM through `kv_transfer_config(host_dir, disk_dir)` below (`kv_connector_module_path`).
+
+Scheduler side (the engine-core process):
+- get_num_new_matched_tokens: beyond the engine's own prefix-cache hit, how many further full prompt blocks the
+  pool holds; vLLM allocates blocks for them and skips computing them.
+- build_connector_meta: per step, which pool blocks to load into which engine blocks, and which blocks become full
+  in this step and are missing from the pool (those are saved; a block already pooled is never sent again).
+
+Worker side (each model-runner process): start_load_kv copies pool blocks into the paged cache before the forward
+pass; a missing or corrupt block is reported through get_block_ids_with_load_errors, and vLLM recomputes it.
+wait_for_save gathers the step's new full blocks (one copy, on GPU into pinned host memory) and a background thread
+writes them, so the engine's next step does not wait for the pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvpool.pool_store import PoolStore, pool_keys, request_namespace
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+def kv_transfer_config(host_dir: str, disk_dir: str) -> dict[str, Any]:
+    """The engine argument that plugs this connector into vLLM."""
+    return {
+        "kv_connector": "KVPoolConnector",
+        "kv_connector_module_path": "kvpool.connector",
+        "kv_role": "kv_both",
+        # A block that cannot be loaded is recomputed, never an error for the request.
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"host_dir": host_dir, "disk_dir": disk_dir},
+    }
+
+
+@dataclass
+class BlockTransfer:
+    block_ids: list[int]  # engine block ids
+    keys: list[str]  # pool keys, one per block id
+
+
+@dataclass
+class KVPoolConnectorMetadata(KVConnectorMetadata):
+    loads: list[BlockTransfer] = field(default_factory=list)
+    saves: list[BlockTransfer] = field(default_factory=list)
+
+
+@dataclass
+class _RequestState:
+    keys: list[str]  # pool keys of the prompt's full blocks
+    block_ids: list[int] = field(default_factory=list)
+    saved_upto: int = 0  # blocks before this index are handled (saved, or known to be pooled)
+    load_from: int = 0  # blocks [load_from, load_from + load_n) come from the pool
+    load_n: int = 0
+
+
+def layout_name(vllm_config: "VllmConfig", rank: int) -> str:
+    """What the bytes of a block mean: blocks are only shared between engines with the same layout."""
+    m, c, p = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    ident = f"{m.model}|{m.dtype}|{c.cache_dtype}|{c.block_size}|tp{p.tensor_parallel_size}|pp{p.pipeline_parallel_size}"
+    return f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}-rank{rank}"
+
+
+class KVPoolConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.block_size = vllm_config.cache_config.block_size
+        rank = 0
+        if role == KVConnectorRole.WORKER:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+        self.store = PoolStore(extra["host_dir"], extra["disk_dir"], layout_name(vllm_config, rank))
+        self.num_blocks = kv_cache_config.num_blocks
+        # scheduler side
+        self._reqs: dict[str, _RequestState] = {}
+        # worker side
+        self._layers: list[tuple[torch.Tensor, int]] = []  # (kv cache tensor, its block dimension)
+        self._load_errors: set[int] = set()
+        self._staging = bytearray(0)  # reused read buffer (grown by the store on first use)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-save")
+
+    # ================================ scheduler side ================================================================
+
+    def _state(self, request: "Request") -> _RequestState:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            namespace = request_namespace(getattr(request, "cache_salt", None),
+                                          getattr(getattr(request, "lora_request", None), "lora_name", None))
+            st = self._reqs[request.request_id] = _RequestState(
+                pool_keys(request.prompt_token_ids or [], self.block_size, namespace))
+        return st
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        st = self._state(request)
+        first = num_computed_tokens // self.block_size
+        # The engine must compute at least the prompt's last token: never claim the whole prompt.
+        usable = (len(request.prompt_token_ids or []) - 1) // self.block_size
+        hits = self.store.leading_hits(st.keys[first:usable]) if first < usable else 0
+        st.load_from, st.load_n = first, hits
+        return hits * self.block_size, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        st = self._state(request)
+        if num_external_tokens == 0:
+            st.load_n = 0
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KVPoolConnectorMetadata()
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            if st.load_n:
+                span = slice(st.load_from, st.load_from + st.load_n)
+                meta.loads.append(BlockTransfer(st.block_ids[span], st.keys[span]))
+                st.load_n = 0
+            self._plan_save(meta, st, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:
+                    st.block_ids = list(new_ids[0])  # after preemption: the full list
+                else:
+                    st.block_ids.extend(new_ids[0])
+            done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            self._plan_save(meta, st, done)
+        return meta
+
+    def _plan_save(self, meta: KVPoolConnectorMetadata, st: _RequestState, computed_after_step: int) -> None:
+        """Save the prompt blocks that are full after this step and missing from the pool."""
+        upto = min(computed_after_step // self.block_size, len(st.keys), len(st.block_ids))
+        if upto <= st.saved_upto:
+            return
+        idx = [i for i in range(st.saved_upto, upto) if not self.store.contains(st.keys[i])]
+        st.saved_upto = upto
+        if idx:
+            meta.saves.append(BlockTransfer([st.block_ids[i] for i in idx], [st.keys[i] for i in idx]))
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        return False, None  # saves copy the blocks during the step: vLLM may free them at once
+
+    # ================================ worker side ===================================================================
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        for name in sorted(kv_caches):
+            t = kv_caches[name]
+            dims = [d for d, n in enumerate(t.shape) if n == self.num_blocks]
+            if not dims:
+                raise ValueError(f"no block dimension of size {self.num_blocks} in KV cache {name} {tuple(t.shape)}")
+            self._layers.append((t, dims[0]))
+        # Room for one block plus its Arrow framing; reused by every load, so its pages stay mapped.
+        self._staging = bytearray(sum(self._block_nbytes()) + (64 << 10))
+
+    def _block_nbytes(self) -> list[int]:
+        return [t.numel() // t.shape[d] * t.element_size() for t, d in self._layers]
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVPoolConnectorMetadata)
+        sizes = self._block_nbytes()
+        for tr in meta.loads:
+            for j, (block_id, key) in enumerate(zip(tr.block_ids, tr.keys)):
+                data = self.store.get(key, self._staging)
+                if data is None or len(data) != sum(sizes):
+                    # This block and the rest of the chain are recomputed by the engine.
+                    self._load_errors.update(tr.block_ids[j:])
+                    logger.warning("pool block %s missing or corrupt: recomputing %d blocks", key[:12],
+                                   len(tr.block_ids) - j)
+                    break
+                self._write_block(block_id, data, sizes)
+
+    def _write_block(self, block_id: int, data: memoryview, sizes: list[int]) -> None:
+        raw = torch.frombuffer(data, dtype=torch.uint8)
+        off = 0
+        for (t, d), n in zip(self._layers, sizes):
+            dst = t.select(d, block_id)
+            src = raw[off:off + n].view(t.dtype).view(dst.shape)
+            dst.copy_(src, non_blocking=True)
+            off += n
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # saved whole-block after the forward pass, in wait_for_save
+
+    def wait_for_save(self):
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVPoolConnectorMetadata)
+        if not meta.saves:
+            return
+        block_ids = [b for tr in meta.saves for b in tr.block_ids]
+        keys = [k for tr in meta.saves for k in tr.keys]
+        # One gather per layer (a copy, so the engine may reuse the blocks at once), block dimension first.
+        gathered, event = [], None
+        for t, d in self._layers:
+            idx = torch.tensor(block_ids, device=t.device)
+            g = t.index_select(d, idx).movedim(d, 0)
+            if t.device.type == "cuda":
+                host = torch.empty(g.shape, dtype=g.dtype, pin_memory=True)
+                host.copy_(g, non_blocking=True)
+                g = host
+            gathered.append(g.contiguous() if t.device.type != "cuda" else g)
+        if self._layers and self._layers[0][0].device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._writer.submit(self._write_blocks, keys, gathered, event)
+
+    def _write_blocks(self, keys: list[str], gathered: list[torch.Tensor], event) -> None:
+        try:
+            if event is not None:
+                event.synchronize()  # the device-to-host copies have landed
+            per_layer = [g.reshape(len(keys), -1).view(torch.uint8) for g in gathered]
+            for i, key in enumerate(keys):
+                blob = torch.cat([p[i] for p in per_layer]).numpy()
+                self.store.put(key, blob)
+        except Exception:
+            logger.exception("saving %d blocks to the pool failed (they will be recomputed when needed)", len(keys))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self):
+        self._writer.shutdown(wait=True)

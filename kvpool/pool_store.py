@@ -1,0 +1,164 @@
+"""The pool's storage: KV blocks as Arrow IPC files in two tiers, host memory (a tmpfs such as /dev/shm) and disk.
+
+One file per block, named by the block's pool key (a blake2b chain hash of the tokens up to and including the block,
+so a key names a whole prefix, never just a block's own tokens). A file holds one Arrow record batch with the
+block's bytes (every layer of this engine rank) and, in the schema metadata, an xxh3-64 checksum that readers
+verify. Writers
+write to a temporary name and rename, so a reader never sees half a block; a missing, short or corrupt file reads
+as a miss, which the engine turns into recomputation.
+
+Every engine process on the node reads and writes the same directories, so a block computed by one replica is
+loaded by another (migration on one node), and the files outlive the engines, the pool actor and the app
+(persistence). The pool actor (actors/pool.py) keeps the tiers within their byte budgets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+_SCHEMA = pa.schema([pa.field("kv", pa.large_binary())])
+SUFFIX = ".arrow"
+
+
+def request_namespace(cache_salt: str | None = None, lora_name: str | None = None) -> bytes:
+    """The chain namespace of a request: the same for the connector (in the engine) and the router."""
+    return repr((cache_salt, lora_name)).encode()
+
+
+def pool_keys(tokens: Sequence[int] | np.ndarray, block_size: int, namespace: bytes = b"") -> list[str]:
+    """Hex keys of the full blocks of `tokens`: key_i = blake2b(key_(i-1) || tokens of block i).
+
+    Cryptographic, unlike the 64-bit routing hash, because loading the wrong block would give wrong output.
+    `namespace` (cache salt, LoRA) starts the chain so tenants never share keys."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    n = len(arr) // block_size
+    keys, prev = [], hashlib.blake2b(namespace, digest_size=16).digest()
+    raw = arr[: n * block_size].tobytes()
+    step = block_size * 8
+    for i in range(n):
+        prev = hashlib.blake2b(prev + raw[i * step:(i + 1) * step], digest_size=16).digest()
+        keys.append(prev.hex())
+    return keys
+
+
+@dataclass
+class BlockFile:
+    key: str
+    tier: str  # "host" or "disk"
+    path: Path
+    size: int
+    last_used: float
+
+
+class PoolStore:
+    def __init__(self, host_dir: str | Path, disk_dir: str | Path, layout: str):
+        """`layout` names what the bytes mean (model, dtype, block size, rank): blocks of different layouts never
+        mix, each layout has its own subdirectory."""
+        self.tiers = {"host": Path(host_dir) / layout, "disk": Path(disk_dir) / layout}
+        for d in self.tiers.values():
+            d.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, tier: str, key: str) -> Path:
+        return self.tiers[tier] / f"{key}{SUFFIX}"
+
+    def find(self, key: str) -> Path | None:
+        for tier in ("host", "disk"):
+            p = self._path(tier, key)
+            if p.exists():
+                return p
+        return None
+
+    def contains(self, key: str) -> bool:
+        return self.find(key) is not None
+
+    def leading_hits(self, keys: Sequence[str]) -> int:
+        """How many of `keys`, from the first, the pool holds."""
+        n = 0
+        for k in keys:
+            if not self.contains(k):
+                break
+            n += 1
+        return n
+
+    def put(self, key: str, data: bytes | memoryview | np.ndarray) -> None:
+        """Write a block to the host tier (atomically; an existing block is left as it is)."""
+        target = self._path("host", key)
+        if target.exists():
+            return
+        buf = pa.py_buffer(data)
+        arr = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, pa.array([0, buf.size],
+                                                                                     pa.int64()).buffers()[1], buf])
+        schema = _SCHEMA.with_metadata({"xxh3": str(xxhash.xxh3_64_intdigest(buf)), "key": key})
+        tmp = target.with_name(f".{key}.{uuid.uuid4().hex}.tmp")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_batch(pa.record_batch([arr], schema=schema))
+        os.replace(tmp, target)
+
+    def get(self, key: str, staging: bytearray | None = None) -> memoryview | None:
+        """The block's verified bytes, or None if missing, short or corrupt. A hit refreshes its LRU time.
+
+        The file is read with one read() into `staging` (reused across calls, so its pages are already mapped;
+        memory-mapping tmpfs files page by page was 8x slower here) and the Arrow batch is parsed in place: the
+        returned view points into `staging` and is valid until its next use."""
+        path = self.find(key)
+        if path is None:
+            return None
+        try:
+            size = path.stat().st_size
+            if staging is None or len(staging) < size:
+                staging = bytearray(size)
+            with open(path, "rb", buffering=0) as f:
+                n = f.readinto(memoryview(staging)[:size])
+            reader = pa.ipc.open_file(pa.py_buffer(memoryview(staging)[:n]))
+            data = reader.get_batch(0).column(0).buffers()[2]
+            if xxhash.xxh3_64_intdigest(data) != int(reader.schema.metadata[b"xxh3"]):
+                return None
+            os.utime(path)
+            return memoryview(data)
+        except (OSError, pa.ArrowException, KeyError, ValueError, IndexError):
+            return None
+
+    # --- for the pool actor: listing, demotion, eviction ---------------------------------------------------------
+
+    def scan(self) -> list[BlockFile]:
+        files = []
+        for tier, d in self.tiers.items():
+            with os.scandir(d) as it:
+                for e in it:
+                    if not e.name.endswith(SUFFIX):
+                        continue
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    files.append(BlockFile(e.name[: -len(SUFFIX)], tier, Path(e.path), st.st_size, st.st_mtime))
+        return files
+
+    def demote(self, f: BlockFile) -> None:
+        """Host -> disk (copy, then rename into place, then drop the host copy)."""
+        target = self._path("disk", f.key)
+        tmp = target.with_name(f".{f.key}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(f.path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            os.utime(tmp, (f.last_used, f.last_used))
+            os.replace(tmp, target)
+        except FileNotFoundError:
+            tmp.unlink(missing_ok=True)
+            return
+        f.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def delete(files: Iterable[BlockFile]) -> None:
+        for f in files:
+            f.path.unlink(missing_ok=True)

@@ -1,0 +1,180 @@
+"""The shared KV pool with real vLLM CPU engines: migration between engines, persistence, corruption, budgets.
+
+Each "replica" here is an in-process vLLM engine with the KVPoolConnector, sharing one pool directory, as engine
+replicas on one node do. Correctness is checked on greedy tokens *and* on the logprobs of every generated token,
+which move if even one loaded KV value is wrong.
+"""
+
+import gc
+import random
+import time
+
+import pytest
+import ray
+
+from kvpool.config import KVPoolConfig
+from kvpool.connector import kv_transfer_config
+from kvpool.pool_store import PoolStore
+
+VOCAB = 390
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+@pytest.fixture
+def pool_dirs(tmp_path):
+    return str(tmp_path / "host"), str(tmp_path / "disk")
+
+
+def engine(model_dir, pool_dirs=None, prefix_caching=True):
+    from vllm import LLM
+
+    kw = dict(model=str(model_dir), block_size=32, kv_cache_memory_bytes=16 << 20, enforce_eager=True,
+              max_model_len=4096, dtype="float32", enable_prefix_caching=prefix_caching)
+    if pool_dirs:
+        kw["kv_transfer_config"] = kv_transfer_config(*pool_dirs)
+    return LLM(**kw)
+
+
+def generate(llm, prompt):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    (out,) = llm.generate(TokensPrompt(prompt_token_ids=prompt),
+                          SamplingParams(max_tokens=8, temperature=0, logprobs=3), use_tqdm=False)
+    c = out.outputs[0]
+    lps = [sorted((tok, round(lp.logprob, 3)) for tok, lp in step.items()) for step in c.logprobs]
+    return out.num_cached_tokens, list(c.token_ids), lps
+
+
+def close(llm):
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """Outputs computed from scratch (no prefix cache, no pool)."""
+    llm = engine(tiny_model_dir, prefix_caching=False)
+    cache = {}
+
+    def compute(prompt):
+        key = tuple(prompt)
+        if key not in cache:
+            cache[key] = generate(llm, prompt)[1:]
+        return cache[key]
+
+    yield compute
+    close(llm)
+
+
+def wait_saved(pool_dirs, n_blocks, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if sum(1 for _ in __import__("pathlib").Path(pool_dirs[0]).rglob("*.arrow")) >= n_blocks:
+            return
+        time.sleep(0.1)
+    raise TimeoutError("blocks not saved")
+
+
+def test_prefix_computed_on_a_is_loaded_by_b(tiny_model_dir, pool_dirs, reference):
+    prefix, suffix = tokens(1, 1000), tokens(2, 90)
+    a = engine(tiny_model_dir, pool_dirs)
+    generate(a, prefix)
+    wait_saved(pool_dirs, 1000 // 32 - 1)
+    close(a)
+    b = engine(tiny_model_dir, pool_dirs)  # never saw the prefix
+    cached, toks, lps = generate(b, prefix + suffix)
+    close(b)
+    assert cached >= (1000 // 32 - 1) * 32, "B did not load the prefix from the pool"
+    assert (toks, lps) == reference(prefix + suffix)
+
+
+def test_pool_actor_restart_and_disk_tier(tiny_model_dir, pool_dirs, reference, ray_cluster):
+    from actors.pool import PoolActor
+
+    host, disk = pool_dirs
+    # No host budget: every block is demoted to the disk tier.
+    cfg = KVPoolConfig(pool_host_dir=host, pool_disk_dir=disk, pool_host_bytes=0, pool_disk_bytes=1 << 30)
+    pool = ray.remote(PoolActor).options(max_restarts=-1, num_cpus=0).remote(cfg, 0.1)
+    ray.get(pool.start.remote())
+    prompt = tokens(3, 700)
+    a = engine(tiny_model_dir, pool_dirs)
+    generate(a, prompt)
+    close(a)
+    deadline = time.time() + 20
+    while ray.get(pool.stats.remote())["blocks"]["disk"] < 700 // 32 - 1:
+        assert time.time() < deadline, ray.get(pool.stats.remote())
+        time.sleep(0.2)
+    ray.kill(pool, no_restart=False)  # Ray restarts it; it finds the blocks in the directories
+    deadline = time.time() + 30
+    while True:
+        try:
+            st = ray.get(pool.stats.remote(), timeout=5)
+            break
+        except ray.exceptions.RayError:
+            assert time.time() < deadline
+            time.sleep(0.5)
+    assert st["blocks"]["host"] == 0 and st["blocks"]["disk"] >= 700 // 32 - 1
+    b = engine(tiny_model_dir, pool_dirs)
+    cached, toks, lps = generate(b, prompt + [5, 6, 7])
+    close(b)
+    assert cached >= (700 // 32 - 1) * 32
+    assert (toks, lps) == reference(prompt + [5, 6, 7])
+    ray.kill(pool, no_restart=True)
+
+
+def test_corrupt_block_is_recomputed(tiny_model_dir, pool_dirs, reference):
+    prompt = tokens(4, 640)
+    a = engine(tiny_model_dir, pool_dirs)
+    generate(a, prompt)
+    wait_saved(pool_dirs, 19)
+    close(a)
+    files = sorted(__import__("pathlib").Path(pool_dirs[0]).rglob("*.arrow"))
+    victim = files[len(files) // 2]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # flip bits inside the KV payload
+    victim.write_bytes(bytes(raw))
+    b = engine(tiny_model_dir, pool_dirs)
+    cached, toks, lps = generate(b, prompt + [9, 9])
+    close(b)
+    assert (toks, lps) == reference(prompt + [9, 9])
+
+
+def test_pool_stays_within_budget(tiny_model_dir, pool_dirs):
+    from actors.pool import PoolActor
+
+    host, disk = pool_dirs
+    block_bytes = 32 * 1024  # tiny model, float32: 1 KiB per token
+    cfg = KVPoolConfig(pool_host_dir=host, pool_disk_dir=disk, pool_host_bytes=20 * block_bytes,
+                       pool_disk_bytes=40 * block_bytes)
+    keeper = PoolActor(cfg)
+    a = engine(tiny_model_dir, pool_dirs)
+    for i in range(8):  # 8 distinct prompts x 15 blocks = 120 blocks, twice the whole budget
+        generate(a, tokens(100 + i, 500))
+        time.sleep(0.2)
+        st = keeper.maintain()
+        assert st["host_bytes"] <= cfg.pool_host_bytes and st["disk_bytes"] <= cfg.pool_disk_bytes
+    close(a)
+    time.sleep(0.5)
+    st = keeper.maintain()
+    assert st["host_bytes"] <= cfg.pool_host_bytes and st["disk_bytes"] <= cfg.pool_disk_bytes
+    assert st["demoted"] > 0 and st["evicted"] > 0
+
+
+def test_store_round_trip_and_keys(tmp_path):
+    store = PoolStore(tmp_path / "h", tmp_path / "d", "layout")
+    store.put("ab" * 16, b"\x01\x02\x03\x04" * 100)
+    assert bytes(store.get("ab" * 16)) == b"\x01\x02\x03\x04" * 100
+    assert store.get("cd" * 16) is None
+    from kvpool.pool_store import pool_keys
+
+    k1, k2 = pool_keys(list(range(64)), 32), pool_keys(list(range(64)), 32, b"tenant")
+    assert len(k1) == 2 and k1[0] != k2[0]
+    assert pool_keys(list(range(64)) + [1], 32) == k1
+    assert pool_keys([0] + list(range(1, 64)), 32)[1] == k1[1]
+    assert pool_keys([99] + list(range(1, 64)), 32)[1] != k1[1]  # a key names the whole prefix
