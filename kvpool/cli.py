@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from kvpool.bench.compare import CONFIGS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,11 +38,51 @@ def main(argv: list[str] | None = None) -> None:
     transfer.add_argument("--dtype-bytes", type=int, default=4, help="4: float32, the CPU default")
     transfer.add_argument("--dir", default="/dev/shm", help="where the host tier lives (a tmpfs)")
 
+    default_trace = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "claude-code"
+    def replay_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--trace", default=str(default_trace), help="a Claude Code transcripts folder")
+        p.add_argument("--sessions", type=int, default=16)
+        p.add_argument("--duration", type=float, default=600, help="seconds")
+        p.add_argument("--turns", type=int, default=0, help="at most this many turns per session (0: all)")
+        p.add_argument("--max-context", type=int, default=7000, help="tokens; sessions are scaled to fit")
+        p.add_argument("--max-output", type=int, default=64, help="cap on each turn's output tokens")
+        p.add_argument("--think-scale", type=float, default=0.1, help="times the trace's think time")
+        p.add_argument("--out", default="", help="write the results as JSON here")
+
+    replay = bench.add_parser("replay", help="replay agent sessions against an OpenAI endpoint (closed loop)")
+    replay_args(replay)
+    replay.add_argument("--url", default="http://127.0.0.1:8000")
+    replay.add_argument("--tokenizer", default="", help="for the cache bound; default: the embedded model")
+    replay.add_argument("--block-size", type=int, default=32)
+
+    compare = sub.add_parser("compare", help="replay against no-cache, Ray Serve LLM (2 routers), KV-Pool")
+    replay_args(compare)
+    compare.add_argument("--model", default="", help="HF directory; default: the embedded SmolLM2")
+    compare.add_argument("--replicas", type=int, default=2)
+    compare.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV memory per replica")
+    compare.add_argument("--max-model-len", type=int, default=8192)
+    compare.add_argument("--router-port", type=int, default=5601)
+    compare.add_argument("--http-port", type=int, default=8000)
+    compare.add_argument("--configs", nargs="*", choices=CONFIGS, help="a subset, in this order")
+    compare.add_argument("--smoke", action="store_true", help="4 sessions, 3 turns, short contexts: for CI")
+    compare.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
     args = parser.parse_args(argv)
+    if args.cmd == "compare":
+        from kvpool.bench.compare import run as compare_run
+
+        if args.smoke:
+            args.sessions, args.turns, args.max_context, args.max_output, args.duration = 4, 3, 1500, 8, 300
+        result = compare_run(args)
+        if args.json:
+            print(json.dumps(result))
+        return
     if args.bench == "single":
         from kvpool.bench.single import run
     elif args.bench == "router":
         from kvpool.bench.router import run
+    elif args.bench == "replay":
+        from kvpool.bench.replay import run
     else:
         from kvpool.bench.transfer import run
     print(json.dumps(run(args)))

@@ -9,7 +9,8 @@ Scheduler side (the engine-core process):
   in this step and are missing from the pool (those are saved; a block already pooled is never sent again).
 
 Worker side (each model-runner process): start_load_kv copies pool blocks into the paged cache before the forward
-pass; a missing or corrupt block is reported through get_block_ids_with_load_errors, and vLLM recomputes it.
+pass (in parallel reader threads); a missing or corrupt block is reported through
+get_block_ids_with_load_errors, and vLLM recomputes it and the rest of its chain.
 wait_for_save gathers the step's new full blocks (one copy, on GPU into pinned host memory) and a background thread
 writes them, so the engine's next step does not wait for the pool.
 """
@@ -99,7 +100,6 @@ class KVPoolConnector(KVConnectorBase_V1):
         # worker side
         self._layers: list[tuple[torch.Tensor, int]] = []  # (kv cache tensor, its block dimension)
         self._load_errors: set[int] = set()
-        self._staging = bytearray(0)  # reused read buffer (grown by the store on first use)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-save")
 
     # ================================ scheduler side ================================================================
@@ -177,8 +177,6 @@ class KVPoolConnector(KVConnectorBase_V1):
             if not dims:
                 raise ValueError(f"no block dimension of size {self.num_blocks} in KV cache {name} {tuple(t.shape)}")
             self._layers.append((t, dims[0]))
-        # Room for one block plus its Arrow framing; reused by every load, so its pages stay mapped.
-        self._staging = bytearray(sum(self._block_nbytes()) + (64 << 10))
 
     def _block_nbytes(self) -> list[int]:
         return [t.numel() // t.shape[d] * t.element_size() for t, d in self._layers]
@@ -188,15 +186,22 @@ class KVPoolConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVPoolConnectorMetadata)
         sizes = self._block_nbytes()
         for tr in meta.loads:
-            for j, (block_id, key) in enumerate(zip(tr.block_ids, tr.keys)):
-                data = self.store.get(key, self._staging)
-                if data is None or len(data) != sum(sizes):
-                    # This block and the rest of the chain are recomputed by the engine.
-                    self._load_errors.update(tr.block_ids[j:])
-                    logger.warning("pool block %s missing or corrupt: recomputing %d blocks", key[:12],
-                                   len(tr.block_ids) - j)
-                    break
-                self._write_block(block_id, data, sizes)
+
+            def write(i: int, data: memoryview) -> None:
+                if len(data) != sum(sizes):
+                    raise ValueError(f"pool block of {len(data)} bytes, expected {sum(sizes)}")
+                self._write_block(tr.block_ids[i], data, sizes)
+
+            try:
+                n = self.store.read_blocks(tr.keys, write)
+            except ValueError:
+                logger.exception("pool block does not fit this engine's KV layout")
+                n = 0
+            if n < len(tr.block_ids):
+                # Those blocks are recomputed by the engine (kv_load_failure_policy=recompute).
+                self._load_errors.update(tr.block_ids[n:])
+                logger.warning("pool blocks missing or corrupt: recomputing %d of %d", len(tr.block_ids) - n,
+                               len(tr.block_ids))
 
     def _write_block(self, block_id: int, data: memoryview, sizes: list[int]) -> None:
         raw = torch.frombuffer(data, dtype=torch.uint8)

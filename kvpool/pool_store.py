@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +66,8 @@ class PoolStore:
         """`layout` names what the bytes mean (model, dtype, block size, rank): blocks of different layouts never
         mix, each layout has its own subdirectory."""
         self.tiers = {"host": Path(host_dir) / layout, "disk": Path(disk_dir) / layout}
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
         for d in self.tiers.values():
             d.mkdir(parents=True, exist_ok=True)
 
@@ -126,6 +130,30 @@ class PoolStore:
             return memoryview(data)
         except (OSError, pa.ArrowException, KeyError, ValueError, IndexError):
             return None
+
+    def read_blocks(self, keys: Sequence[str], on_block: Callable[[int, memoryview], None]) -> int:
+        """Read and verify `keys` in parallel, handing each block's bytes to on_block(i, data) in a reader thread
+        (file reads, hashing and numpy/torch copies release the GIL, so this scales with cores). Returns how many
+        leading blocks were read; the rest are missing or corrupt."""
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kvpool-read")
+        ok = list(self._readers.map(lambda ik: self._read_one(*ik, on_block), enumerate(keys)))
+        return ok.index(False) if False in ok else len(ok)
+
+    def _read_one(self, i: int, key: str, on_block: Callable[[int, memoryview], None]) -> bool:
+        path = self.find(key)
+        try:
+            size = path.stat().st_size if path else 0
+        except FileNotFoundError:
+            return False
+        staging = getattr(self._local, "staging", None)
+        if staging is None or len(staging) < size:
+            staging = self._local.staging = bytearray(size + (64 << 10))  # one per reader thread, reused
+        data = self.get(key, staging)
+        if data is None:
+            return False
+        on_block(i, data)
+        return True
 
     # --- for the pool actor: listing, demotion, eviction ---------------------------------------------------------
 

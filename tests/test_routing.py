@@ -118,7 +118,7 @@ def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
     ray.kill(ray.get_actor(handle["name"], namespace=handle["namespace"]), no_restart=True)
     t0 = time.time()
     while victim in [r for r, s in stats(url)["replicas"].items() if s["live"] or s["indexed_blocks"]]:
-        assert time.time() - t0 < 1.5, "dead replica still in the index"
+        assert time.time() - t0 < 5, "dead replica still in the index"  # ~0.2-1.5 s measured; a bound, not a benchmark
         time.sleep(0.05)
     print(f"dead replica left the index after {time.time() - t0:.2f}s")
     # Serve replaces it; the new replica joins and serves.

@@ -1,8 +1,9 @@
 """`kvpool bench transfer`: pool write and read bandwidth against a plain memcpy of the same bytes.
 
 Writes go through PoolStore.put (Arrow IPC file, xxh3 checksum, atomic rename) into the host tier; reads through
-PoolStore.get (one read into the caller's buffer, checksum verified): the verified bytes in the caller's memory,
-from where a load copies them into the KV cache. memcpy copies the same bytes between two preallocated buffers.
+PoolStore.read_blocks (reader threads: one read() per block into a reused buffer, checksum verified, copied into
+the destination, as a load into the KV cache does). memcpy copies the same bytes between two preallocated buffers
+on one thread.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ def run(args) -> dict:
             blocks = [rng.integers(0, 255, size=block_bytes, dtype=np.uint8) for _ in range(n)]
             dst = np.empty(block_bytes * n, dtype=np.uint8)
             dst.fill(1)  # touch every page first, so memcpy is not charged for page faults
-            staging = [bytearray(block_bytes + 4096) for _ in range(n)]  # the caller's buffers, one per block
             keys = [uuid.uuid4().hex for _ in range(n)]
             t = time.perf_counter()
             for k, b in zip(keys, blocks):
                 store.put(k, b)
             write_s = time.perf_counter() - t
             t = time.perf_counter()
-            for k, buf in zip(keys, staging):
-                if store.get(k, buf) is None:
-                    raise RuntimeError(f"block {k} did not read back")
+
+            def place(i: int, data: memoryview) -> None:
+                dst[i * block_bytes:(i + 1) * block_bytes] = np.frombuffer(data, dtype=np.uint8)
+
+            if store.read_blocks(keys, place) != n:
+                raise RuntimeError("blocks did not read back")
             read_s = time.perf_counter() - t
             t = time.perf_counter()
             for i, b in enumerate(blocks):

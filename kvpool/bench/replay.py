@@ -1,0 +1,174 @@
+"""`kvpool bench replay`: replays agent sessions against any OpenAI-compatible endpoint, closed loop.
+
+`--sessions` sessions run at once; each sends its next turn when the previous answer has completed and the trace's
+think time (times `--think-scale`) has passed, until its turns or `--duration` run out. Every request streams, so
+TTFT is measured; usage gives prompt and cached tokens. The run also computes its own infinite-cache bound: for
+each request, in send order, the longest block-aligned prefix of its token ids that an earlier request already
+had (the hit rate a perfect, infinitely large, shared cache would reach on exactly this run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from kvpool.hashing import block_hashes
+from kvpool.traces import Session, Turn, fit_context, read_claude_code
+
+CHARS_PER_TOKEN = 3  # conservative for code and tool output, so scaled prompts fit the context
+
+
+@dataclass
+class Record:
+    session: str
+    turn: int
+    sent_at: float
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    bound_tokens: int = 0
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    error: str | None = None
+
+
+def load_sessions(trace: Path, n: int, max_context: int, max_output: int, max_turns: int = 0) -> list[Session]:
+    """`n` sessions from the trace, each cut to `max_turns` turns and then scaled so its last turn fits."""
+    base = read_claude_code(trace)
+    if not base:
+        raise ValueError(f"no sessions in {trace}")
+    if max_turns:
+        base = [Session(s.name, s.turns[:max_turns]) for s in base]
+    max_chars = (max_context - max_output - 64) * CHARS_PER_TOKEN
+    sessions = []
+    for i in range(n):
+        s = fit_context(base[i % len(base)], max_chars)
+        if i >= len(base):  # another agent on the same task: its own conversation, sharing nothing
+            tag = f"[agent {i}] "
+            s = Session(f"{s.name}#{i}", [Turn([{**t.messages[0], "content": tag + t.messages[0]["content"]},
+                                                *t.messages[1:]], t.max_tokens, t.think_s) for t in s.turns])
+        sessions.append(s)
+    return sessions
+
+
+class Bound:
+    """The infinite-cache bound of the requests sent so far, on the model's own tokenization."""
+
+    def __init__(self, tokenizer_path: str, block_size: int):
+        from kvpool.prompt import PromptRenderer
+
+        self.renderer = PromptRenderer.from_pretrained(tokenizer_path)
+        self.block_size = block_size
+        self.seen: set[int] = set()
+
+    def observe(self, messages: list[dict]) -> int:
+        ids = self.renderer.chat(messages)
+        hashes = block_hashes(ids[:-1], self.block_size).tolist()
+        hit = 0
+        while hit < len(hashes) and hashes[hit] in self.seen:
+            hit += 1
+        self.seen.update(hashes)
+        return hit * self.block_size
+
+
+async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, max_output: int, rec: Record) -> None:
+    body = {"model": model, "messages": turn.messages, "max_tokens": max(1, min(turn.max_tokens, max_output)),
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    rec.error = chunk["error"].get("message", "stream error")
+                    return
+                if rec.ttft_s is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    rec.ttft_s = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    u = chunk["usage"]
+                    rec.prompt_tokens, rec.completion_tokens = u["prompt_tokens"], u["completion_tokens"]
+                    rec.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        rec.latency_s = time.perf_counter() - t0
+        if rec.ttft_s is None:
+            rec.ttft_s = rec.latency_s
+    except httpx.HTTPError as e:
+        rec.error = f"{type(e).__name__}: {e}"
+
+
+async def replay(url: str, sessions: list[Session], duration_s: float, max_turns: int, think_scale: float,
+                 max_output: int, bound: Bound, progress: bool = True) -> tuple[list[Record], float]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800, connect=10)) as client:
+        model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
+        records: list[Record] = []
+        start = time.perf_counter()
+        deadline = start + duration_s
+
+        async def run_session(s: Session) -> None:
+            for i, turn in enumerate(s.turns[:max_turns] if max_turns else s.turns):
+                await asyncio.sleep(min(turn.think_s * think_scale, 30.0))
+                if time.perf_counter() >= deadline:
+                    return
+                rec = Record(s.name, i, time.perf_counter() - start)
+                rec.bound_tokens = bound.observe(turn.messages)
+                records.append(rec)
+                await _send(client, url, model, turn, max_output, rec)
+
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(10)
+                done = [r for r in records if r.latency_s is not None]
+                p = sum(r.prompt_tokens for r in done)
+                hit = sum(r.cached_tokens for r in done) / p if p else 0
+                print(f"[{time.perf_counter() - start:6.0f}s] {len(done)} done, {len(records) - len(done)} in flight,"
+                      f" hit rate {hit:.1%}", file=sys.stderr, flush=True)
+
+        reporter = asyncio.create_task(report()) if progress else None
+        await asyncio.gather(*(run_session(s) for s in sessions))
+        if reporter:
+            reporter.cancel()
+        return records, time.perf_counter() - start
+
+
+def summarize(records: list[Record], wall_s: float) -> dict:
+    ok = [r for r in records if r.error is None and r.latency_s is not None]
+    prompt = sum(r.prompt_tokens for r in ok)
+    ttft = np.array([r.ttft_s for r in ok]) if ok else np.array([np.nan])
+    lat = np.array([r.latency_s for r in ok]) if ok else np.array([np.nan])
+    bound = sum(r.bound_tokens for r in ok)
+    pct = lambda a, q: round(float(np.percentile(a, q)), 3)  # noqa: E731
+    hit = sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0
+    return {
+        "requests": len(ok), "errors": len(records) - len(ok), "wall_s": round(wall_s, 1),
+        "input_tokens": prompt, "input_tok_s": round(prompt / wall_s, 1),
+        "output_tok_s": round(sum(r.completion_tokens for r in ok) / wall_s, 2),
+        "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
+        "latency_mean_s": round(float(lat.mean()), 3), "latency_p50_s": pct(lat, 50), "latency_p90_s": pct(lat, 90),
+        "hit_rate": round(hit, 4), "bound_hit_rate": round(bound / prompt, 4) if prompt else 0.0,
+        "hit_rate_vs_bound": round(hit / (bound / prompt), 4) if bound else None,
+    }
+
+
+def run(args) -> dict:
+    from kvpool.model import resolve_model
+
+    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns)
+    bound = Bound(args.tokenizer or resolve_model(""), args.block_size)
+    records, wall = asyncio.run(replay(args.url.rstrip("/"), sessions, args.duration, args.turns, args.think_scale,
+                                       args.max_output, bound))
+    result = {"bench": "replay", "url": args.url, "sessions": args.sessions, "trace": str(args.trace),
+              "max_context": args.max_context, **summarize(records, wall)}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"summary": result, "records": [asdict(r) for r in records]}))
+    return result

@@ -1,0 +1,30 @@
+"""`kvpool compare --smoke`: every configuration, peers included, deploys and answers a real replay."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "claude-code"
+
+
+def test_compare_smoke(tiny_model_dir, tmp_path):
+    out = tmp_path / "compare.json"
+    cmd = [sys.executable, "-m", "kvpool.cli", "compare", "--smoke", "--json", "--model", str(tiny_model_dir),
+           "--kv-cache-bytes", str(32 << 20), "--max-model-len", "4096", "--http-port", "8100",
+           "--router-port", "5611", "--trace", str(TRACE), "--out", str(out)]
+    # Its own Ray cluster, beside the test session's.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = result["results"]
+    assert list(res) == ["no-cache", "rayllm-default", "rayllm-prefix", "kvpool-router", "kvpool"]
+    for name, r in res.items():
+        assert "error" not in r, (name, r)
+        assert r["errors"] == 0 and r["requests"] > 0, (name, r)
+    assert res["no-cache"]["hit_rate"] == 0
+    assert res["kvpool"]["hit_rate"] > 0.3 and res["kvpool-router"]["hit_rate"] > 0.3
+    assert 0 < res["kvpool"]["bound_hit_rate"] <= 1
+    assert json.loads(out.read_text())["results"] == res
