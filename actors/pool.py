@@ -49,27 +49,8 @@ class PoolActor:
         """One pass: demote and evict to the budgets; returns the pool's size after it."""
         stores = self._stores()
         files: list[tuple[PoolStore, BlockFile]] = [(s, f) for s in stores for f in s.scan()]
-        host = sorted((x for x in files if x[1].tier == "host"), key=lambda x: x[1].last_used)
-        host_bytes = sum(f.size for _, f in host)
-        for store, f in host:
-            if host_bytes <= self.host_budget:
-                break
-            host_bytes -= f.size
-            if self.disk_budget > 0:
-                store.demote(f)
-                f.tier = "disk"
-                self.counts["demoted"] += 1
-            else:
-                store.delete([f])
-                self.counts["evicted"] += 1
-        disk = sorted((x for x in files if x[1].tier == "disk"), key=lambda x: x[1].last_used)
-        disk_bytes = sum(f.size for _, f in disk)
-        for store, f in disk:
-            if disk_bytes <= self.disk_budget:
-                break
-            disk_bytes -= f.size
-            store.delete([f])
-            self.counts["evicted"] += 1
+        host_bytes = self._shrink(files, "host", self.host_budget)
+        disk_bytes = self._shrink(files, "disk", self.disk_budget)
         self.last = {
             "time": time.time(),
             "host_bytes": host_bytes, "host_budget_bytes": self.host_budget,
@@ -79,6 +60,24 @@ class PoolActor:
             "layouts": len(stores), **self.counts,
         }
         return self.last
+
+    def _shrink(self, files: list[tuple[PoolStore, BlockFile]], tier: str, budget: int) -> int:
+        """Move the tier's least recently used blocks out (host: to disk if it has room, else deleted; disk:
+        deleted) until it fits its budget; returns its bytes after."""
+        in_tier = sorted((x for x in files if x[1].tier == tier), key=lambda x: x[1].last_used)
+        size = sum(f.size for _, f in in_tier)
+        for store, f in in_tier:
+            if size <= budget:
+                break
+            size -= f.size
+            if tier == "host" and self.disk_budget > 0:
+                store.demote(f)
+                f.tier = "disk"  # counted against the disk budget in the same pass
+                self.counts["demoted"] += 1
+            else:
+                store.delete([f])
+                self.counts["evicted"] += 1
+        return size
 
     async def _loop(self) -> None:
         while True:

@@ -159,6 +159,8 @@ class OpenAIIngress:
                                           timeout=self.cfg.route_timeout_s)
         except Exception as e:
             logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)
+            # A late answer may still have counted this request against a replica's queue: take it back.
+            self.router.finished.remote(rid, None)
             return None
 
     async def _tracked(self, chunks: AsyncIterator[GenerateChunk], rid: str,
