@@ -25,6 +25,8 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
         assert "error" not in r, (name, r)
         assert r["errors"] == 0 and r["requests"] > 0, (name, r)
     assert res["no-cache"]["hit_rate"] == 0
-    assert res["kvpool"]["hit_rate"] > 0.3 and res["kvpool-router"]["hit_rate"] > 0.3
-    assert 0 < res["kvpool"]["bound_hit_rate"] <= 1
+    # With ample KV memory, exact routing reaches the run's own infinite-cache bound.
+    for name in ("kvpool-router", "kvpool"):
+        assert 0 < res[name]["bound_hit_rate"] <= 1
+        assert res[name]["hit_rate"] >= 0.9 * res[name]["bound_hit_rate"], (name, res[name])
     assert json.loads(out.read_text())["results"] == res
