@@ -53,7 +53,7 @@ def read_claude_code_file(path: Path) -> Session:
     session = Session(path.stem)
     history: list[dict] = []
     last_end: float | None = None
-    current_id, current_parts, current_out, current_start = None, [], 0, None
+    current_id, current_parts, current_start = None, [], None
 
     def close_assistant():
         nonlocal current_id, current_parts

@@ -8,6 +8,7 @@ which move if even one loaded KV value is wrong.
 import gc
 import random
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -75,7 +76,7 @@ def reference(tiny_model_dir):
 def wait_saved(pool_dirs, n_blocks, timeout=20):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if sum(1 for _ in __import__("pathlib").Path(pool_dirs[0]).rglob("*.arrow")) >= n_blocks:
+        if sum(1 for _ in Path(pool_dirs[0]).rglob("*.arrow")) >= n_blocks:
             return
         time.sleep(0.1)
     raise TimeoutError("blocks not saved")
@@ -134,7 +135,7 @@ def test_corrupt_block_is_recomputed(tiny_model_dir, pool_dirs, reference):
     generate(a, prompt)
     wait_saved(pool_dirs, 19)
     close(a)
-    files = sorted(__import__("pathlib").Path(pool_dirs[0]).rglob("*.arrow"))
+    files = sorted(Path(pool_dirs[0]).rglob("*.arrow"))
     victim = files[len(files) // 2]
     raw = bytearray(victim.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # flip bits inside the KV payload

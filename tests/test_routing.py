@@ -4,7 +4,6 @@ import random
 import time
 
 import httpx
-import pytest
 import ray
 
 from conftest import TEST_BLOCK, TINY_KV_BYTES, TINY_KV_BYTES_PER_TOKEN
