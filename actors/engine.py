@@ -22,6 +22,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: Any  # vllm.SamplingParams, validated by the ingress
+    cache_salt: str | None = None  # the tenant's: scopes prefix-cache reuse
     # Filled in by the router (issue: prefix routing); read by the Serve request router plug-in.
     route: dict[str, Any] = field(default_factory=dict)
 
@@ -113,8 +114,10 @@ class EngineReplica:
 
         params = req.sampling_params.clone()
         params.output_kind = RequestOutputKind.DELTA
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=req.prompt_token_ids), params,
-                                              req.request_id):
+        prompt = TokensPrompt(prompt_token_ids=req.prompt_token_ids)
+        if req.cache_salt:
+            prompt["cache_salt"] = req.cache_salt
+        async for out in self.engine.generate(prompt, params, req.request_id):
             comp = out.outputs[0]
             yield GenerateChunk(
                 text=comp.text,
@@ -126,12 +129,14 @@ class EngineReplica:
     def _register(self) -> None:
         import ray
 
-        layout = None
+        layouts = None
         if self.cfg.pool_enabled:
             from kvpool.connector import layout_name
 
-            layout = layout_name(self.engine.vllm_config, rank=0)
-        self.router.register.remote(self.replica_id, ray.get_runtime_context().current_actor, layout)
+            world = self.cfg.tensor_parallel_size * self.cfg.pipeline_parallel_size
+            layouts = [layout_name(self.engine.vllm_config, rank) for rank in range(world)]
+        ctx = ray.get_runtime_context()
+        self.router.register.remote(self.replica_id, ctx.current_actor, ctx.get_node_id(), layouts)
 
     async def check_health(self) -> None:
         await self.engine.check_health()

@@ -27,8 +27,7 @@ import zmq.asyncio
 from kvpool.config import KVPoolConfig
 from kvpool.events import decode_message
 from kvpool.index import PrefixIndex
-from kvpool.pool_store import PoolStore
-from kvpool.routing import Decision, ReplicaLoad, choose
+from kvpool.routing import Decision, PoolOffer, ReplicaLoad, choose
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,12 @@ class RouterActor:
         self._consumer: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self.actors: dict[str, ray.actor.ActorHandle] = {}  # replica -> its Serve replica actor
-        self.pool: PoolStore | None = None  # the node's shared pool, as the engines lay it out
+        self.node_of: dict[str, str] = {}  # replica -> its node
+        # The shared pool as its shards report it: node -> layout -> pool keys. A block is usable by this app's
+        # engines when it is there in every one of their layouts (one per engine rank).
+        self.pool_view: dict[str, dict[str, set[str]]] = {}
+        self.pool_seq: dict[str, int] = {}
+        self.layouts: list[str] = []
 
     def _ensure_consumer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,6 +139,7 @@ class RouterActor:
         self.loads.pop(replica, None)
         self.last_seq.pop(replica, None)
         self.actors.pop(replica, None)
+        self.node_of.pop(replica, None)
         if replica in self.live:
             self.live = [r for r in self.live if r != replica]
 
@@ -172,12 +177,57 @@ class RouterActor:
         self._ensure_consumer()
         return self._endpoint
 
-    async def register(self, replica: str, actor: ray.actor.ActorHandle, pool_layout: str | None = None) -> None:
-        """An engine replica announces its actor (so the watchdog notices its death) and its pool layout."""
+    async def register(self, replica: str, actor: ray.actor.ActorHandle, node_id: str = "",
+                       pool_layouts: list[str] | None = None) -> None:
+        """An engine replica announces its actor (so the watchdog notices its death), its node and its pool
+        layouts."""
         self._ensure_consumer()
         self.actors[replica] = actor
-        if pool_layout and self.pool is None:
-            self.pool = PoolStore(self.cfg.pool_host_dir_resolved(), self.cfg.pool_disk_dir_resolved(), pool_layout)
+        self.node_of[replica] = node_id
+        if pool_layouts:
+            self.layouts = list(pool_layouts)
+
+    async def pool_update(self, node: str, seq: int, added: list[tuple[str, str]],
+                          removed: list[tuple[str, str]]) -> bool:
+        """A pool shard reports (layout, key) blocks that arrived on or left its node. seq 0 is a full report;
+        a report out of sequence (the router restarted, or a report was lost) is refused, and the shard then
+        sends a full one."""
+        if seq == 0:
+            self.pool_view[node] = {}
+        elif self.pool_seq.get(node) != seq - 1:
+            return False
+        self.pool_seq[node] = seq
+        view = self.pool_view[node]
+        for layout, key in added:
+            view.setdefault(layout, set()).add(key)
+        for layout, key in removed:
+            view.get(layout, set()).discard(key)
+        return True
+
+    def _pool_hits(self, node: str, keys: list[str]) -> int:
+        """How many of `keys`, from the first, `node`'s pool holds in every layout of this app's engines."""
+        view = self.pool_view.get(node)
+        if not view or not self.layouts:
+            return 0
+        sets = [view.get(layout, set()) for layout in self.layouts]
+        n = 0
+        for k in keys:
+            if not all(k in s for s in sets):
+                break
+            n += 1
+        return n
+
+    def _pool_offers(self, keys: list[str], max_cached: int) -> dict[str, PoolOffer]:
+        bs = self.cfg.block_size
+        hits = {node: self._pool_hits(node, keys) * bs for node in self.pool_view}
+        offers = {}
+        for r in self.live:
+            node = self.node_of.get(r, "")
+            local = min(hits.get(node, 0), max_cached)
+            remote_node, remote = max(((n, h) for n, h in hits.items() if n != node), key=lambda x: x[1],
+                                      default=(None, 0))
+            offers[r] = PoolOffer(local, min(remote, max_cached), remote_node)
+        return offers
 
     async def set_replicas(self, replicas: list[str]) -> None:
         """Serve's current replica list: replicas that left are dropped from the index and the queues."""
@@ -197,11 +247,11 @@ class RouterActor:
         max_cached = (prompt_tokens - 1) // bs * bs
         matched = self.index.match(hashes, self.live)
         cached = {r: min(n * bs, max_cached) for r, n in matched.items()}
-        pooled = 0
-        if pool_keys and self.pool is not None:
-            pooled = min(self.pool.leading_hits(pool_keys) * bs, max_cached)
-        d = choose(prompt_tokens, cached, self.loads, self.cfg.route_running_cost_tokens, pooled,
-                   self.cfg.route_pool_load_cost)
+        offers = self._pool_offers(pool_keys, max_cached) if pool_keys else None
+        d = choose(prompt_tokens, cached, self.loads, self.cfg.route_running_cost_tokens, offers,
+                   self.cfg.route_pool_load_cost, self.cfg.route_pool_fetch_cost)
+        if d.fetch:  # the ingress has the chosen replica's pool shard fetch these blocks first
+            d.fetch.target_node, d.fetch.layouts = self.node_of.get(d.replica, ""), self.layouts
         load = self.loads.setdefault(d.replica, ReplicaLoad())
         uncached = prompt_tokens - d.predicted_cached_tokens
         load.queued_prefill_tokens += uncached
@@ -262,6 +312,7 @@ class RouterActor:
             self.metrics.blocks.set(self.index.num_blocks(r), tags={"replica": r})
             replicas[r] = {
                 "live": r in self.live,
+                "node": self.node_of.get(r),
                 "indexed_blocks": self.index.num_blocks(r),
                 "queued_prefill_tokens": load.queued_prefill_tokens,
                 "running": load.running,
@@ -276,5 +327,12 @@ class RouterActor:
                 "event_resets": self.gaps.get(r, 0),
                 "orphan_events": self.orphans.get(r, 0),
             }
+        pool = {node: self._pool_hits_count(node) for node in self.pool_view}
         return {"time": time.time(), "block_size": self.cfg.block_size, "decisions": dict(self.reasons),
-                "events_applied": self.events_applied, "replicas": replicas}
+                "events_applied": self.events_applied, "replicas": replicas, "pool_blocks_by_node": pool,
+                "pool_layouts": self.layouts}
+
+    def _pool_hits_count(self, node: str) -> int:
+        """Blocks `node`'s pool holds in every layout of this app's engines."""
+        sets = [self.pool_view[node].get(layout, set()) for layout in self.layouts]
+        return len(set.intersection(*sets)) if sets else 0

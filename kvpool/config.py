@@ -44,6 +44,11 @@ class KVPoolConfig(BaseModel):
     max_num_seqs: int = Field(32, ge=1, description="Requests an engine runs concurrently.")
     max_num_batched_tokens: int = Field(8192, ge=1, description="Tokens an engine schedules per step.")
     replica_num_cpus: float = Field(0.5, ge=0, description="Logical CPUs Ray reserves per engine replica.")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="Spread replicas over nodes: at most this many per node. Replicas with "
+        "tensor/pipeline parallelism > 1 on GPU take a placement group each, which Serve does not combine with this "
+        "option; there the GPUs per node bound it.",
+    )
     max_ongoing_requests: int = Field(64, ge=1, description="Serve backpressure: requests in flight per replica.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm AsyncEngineArgs.")
 
@@ -57,16 +62,39 @@ class KVPoolConfig(BaseModel):
         0.05, ge=0, description="Cost of loading one token's KV from the pool, in tokens of prefill compute. "
         "Measured on CPU-2c: SmolLM2 prefill ~450 tok/s vs pool reads of its 46 KB/token KV at >1 GB/s (< 0.05).",
     )
+    route_pool_fetch_cost: float = Field(
+        0.1, ge=0, description="Extra cost of copying one token's KV from another node's pool first, in tokens of "
+        "prefill compute (on top of route_pool_load_cost). Node links are slower than local memory: raise it on "
+        "slow networks or fast GPUs (cost = KV bytes per token / link bandwidth over prefill seconds per token).",
+    )
     route_timeout_s: float = Field(0.5, gt=0, description="Past this, a request is routed by the fallback rule.")
 
     # --- shared KV pool ----------------------------------------------------------------------------------------
     pool_enabled: bool = Field(True, description="Save computed KV blocks to the shared pool and load from it.")
     pool_host_bytes: int = Field(2 * GiB, ge=0, description="Host-memory tier budget (a tmpfs), bytes per node.")
     pool_disk_bytes: int = Field(8 * GiB, ge=0, description="Disk tier budget, bytes per node.")
-    pool_host_dir: str = Field("", description="Host tier directory. Empty: /dev/shm/kvpool (tmpfs).")
-    pool_disk_dir: str = Field("", description="Disk tier directory. Empty: <KVPOOL_CACHE_DIR>/pool.")
+    pool_host_dir: str = Field("", description="Host tier directory ($VARS expanded on each node). Empty: "
+                               "/dev/shm/kvpool (tmpfs).")
+    pool_disk_dir: str = Field("", description="Disk tier directory ($VARS expanded on each node). Empty: "
+                               "<KVPOOL_CACHE_DIR>/pool.")
+    pool_session_ttl_s: float = Field(
+        600, gt=0, description="A block reused within this many seconds belongs to a live agent session: eviction "
+        "takes idle sessions' and one-off prompts' blocks first.",
+    )
+    pool_fetch_timeout_s: float = Field(
+        10, gt=0, description="Longest wait for blocks copied from another node's pool; the rest is recomputed.",
+    )
 
     # --- HTTP (host and port are Serve's http_options: `serve run --port`, or serve_config.yaml) -------------
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted `Authorization: Bearer` keys; empty: no authentication. Each key "
+        "is a tenant: KV computed for one key is never a cache hit for another (engine cache, router and pool).",
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests waiting for a free engine slot, over all replicas; past it the API answers "
+        "429 with Retry-After.",
+    )
+    retry_after_s: int = Field(2, ge=1, description="The Retry-After a client gets with a 429.")
     max_tokens_default: int = Field(
         1024, ge=1, description="Completion cap when a request sets no max_tokens (still bounded by the context)."
     )
@@ -82,7 +110,14 @@ class KVPoolConfig(BaseModel):
     def _cpu_constraints(self) -> "KVPoolConfig":
         if self.resolved_device() == "cpu" and self.block_size % 32:
             raise ValueError("block_size must be a multiple of 32 on CPU (vLLM's CPU attention refuses others)")
+        if self.max_replicas_per_node and self.uses_placement_group():
+            raise ValueError("max_replicas_per_node cannot be combined with tensor/pipeline parallelism on GPU "
+                             "(each replica is a placement group; Serve refuses both)")
         return self
+
+    def uses_placement_group(self) -> bool:
+        """A replica whose engine spans several GPUs reserves them together, on one node."""
+        return self.resolved_device() == "cuda" and self.tensor_parallel_size * self.pipeline_parallel_size > 1
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -96,12 +131,12 @@ class KVPoolConfig(BaseModel):
 
     def pool_host_dir_resolved(self) -> str:
         if self.pool_host_dir:
-            return self.pool_host_dir
+            return os.path.expandvars(self.pool_host_dir)
         return "/dev/shm/kvpool" if os.path.isdir("/dev/shm") else str(Path(self.pool_disk_dir_resolved()) / "host")
 
     def pool_disk_dir_resolved(self) -> str:
         if self.pool_disk_dir:
-            return self.pool_disk_dir
+            return os.path.expandvars(self.pool_disk_dir)
         from kvpool.model import cache_dir
 
         return str(cache_dir() / "pool")

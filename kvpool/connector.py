@@ -90,13 +90,15 @@ class KVPoolConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         rank = 0
         if role == KVConnectorRole.WORKER:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+            from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
-            rank = get_tensor_model_parallel_rank()
+            rank = get_pp_group().rank_in_group * vllm_config.parallel_config.tensor_parallel_size \
+                + get_tensor_model_parallel_rank()
         self.store = PoolStore(extra["host_dir"], extra["disk_dir"], layout_name(vllm_config, rank))
         self.num_blocks = kv_cache_config.num_blocks
         # scheduler side
         self._reqs: dict[str, _RequestState] = {}
+        self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-touch")
         # worker side
         self._layers: list[tuple[torch.Tensor, int]] = []  # (kv cache tensor, its block dimension)
         self._load_errors: set[int] = set()
@@ -111,6 +113,9 @@ class KVPoolConnector(KVConnectorBase_V1):
                                           getattr(getattr(request, "lora_request", None), "lora_name", None))
             st = self._reqs[request.request_id] = _RequestState(
                 pool_keys(request.prompt_token_ids or [], self.block_size, namespace))
+            # The session is live: keep its pooled prefix ahead of idle ones, even where this engine's own cache
+            # serves it (then nothing is loaded, so nothing else would tell the pool).
+            self._toucher.submit(self.store.touch, st.keys)
         return st
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
@@ -257,3 +262,4 @@ class KVPoolConnector(KVConnectorBase_V1):
 
     def shutdown(self):
         self._writer.shutdown(wait=True)
+        self._toucher.shutdown(wait=False)

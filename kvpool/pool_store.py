@@ -9,7 +9,12 @@ as a miss, which the engine turns into recomputation.
 
 Every engine process on the node reads and writes the same directories, so a block computed by one replica is
 loaded by another (migration on one node), and the files outlive the engines, the pool actor and the app
-(persistence). The pool actor (actors/pool.py) keeps the tiers within their byte budgets.
+(persistence). The node's pool shard (actors/pool.py) keeps the tiers within their byte budgets and copies blocks
+between nodes (read_raw / write_raw).
+
+A file's times carry the eviction policy's state: mtime is its last use; atime is 0 until the block is used again
+after it was written (by a load, or by a later request of the same session touching its prefix), so a block that
+some session came back to is told apart from a one-off prompt's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +65,16 @@ class BlockFile:
     path: Path
     size: int
     last_used: float
+    reused: bool = False  # used again after it was written
+
+
+def eviction_order(files: Iterable[BlockFile], now: float, session_ttl_s: float) -> list[BlockFile]:
+    """Who leaves first: blocks of idle sessions and one-off prompts (not reused within the TTL), then blocks of
+    live sessions (reused within it); least recently used first within each group."""
+    def live(f: BlockFile) -> bool:
+        return f.reused and now - f.last_used <= session_ttl_s
+
+    return sorted(files, key=lambda f: (live(f), f.last_used))
 
 
 class PoolStore:
@@ -105,6 +121,40 @@ class PoolStore:
         tmp = target.with_name(f".{key}.{uuid.uuid4().hex}.tmp")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             writer.write_batch(pa.record_batch([arr], schema=schema))
+        os.utime(tmp, (0, time.time()))  # atime 0: not reused yet
+        os.replace(tmp, target)
+
+    def touch(self, keys: Sequence[str]) -> int:
+        """Mark the pooled blocks among `keys` as used now (a session came back to them); returns how many.
+        Deepest first, so a chain's prefix is the most recent and LRU eviction trims chains from their tails."""
+        n, now = 0, time.time()
+        for key in reversed(keys):
+            path = self.find(key)
+            try:
+                if path is not None:
+                    os.utime(path, (now, now))
+                    n += 1
+            except FileNotFoundError:
+                pass
+        return n
+
+    def read_raw(self, key: str) -> bytes | None:
+        """A block's whole file (Arrow IPC with its checksum), to copy to another node's pool."""
+        path = self.find(key)
+        try:
+            return path.read_bytes() if path else None
+        except FileNotFoundError:
+            return None
+
+    def write_raw(self, key: str, data: bytes) -> None:
+        """Store a file read by read_raw on another node (atomically). Its checksum is verified when it is loaded."""
+        target = self._path("host", key)
+        if target.exists():
+            return
+        tmp = target.with_name(f".{key}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(data)
+        now = time.time()
+        os.utime(tmp, (now, now))  # fetched for a request that is about to load it: in use
         os.replace(tmp, target)
 
     def get(self, key: str, staging: bytearray | None = None) -> memoryview | None:
@@ -168,7 +218,8 @@ class PoolStore:
                         st = e.stat()
                     except FileNotFoundError:
                         continue
-                    files.append(BlockFile(e.name[: -len(SUFFIX)], tier, Path(e.path), st.st_size, st.st_mtime))
+                    files.append(BlockFile(e.name[: -len(SUFFIX)], tier, Path(e.path), st.st_size, st.st_mtime,
+                                           st.st_atime > 0))
         return files
 
     def demote(self, f: BlockFile) -> None:
@@ -179,7 +230,7 @@ class PoolStore:
             with open(f.path, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
-            os.utime(tmp, (f.last_used, f.last_used))
+            os.utime(tmp, (f.last_used if f.reused else 0, f.last_used))
             os.replace(tmp, target)
         except FileNotFoundError:
             tmp.unlink(missing_ok=True)

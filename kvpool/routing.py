@@ -1,14 +1,17 @@
 """The routing rule: send a request to the replica that will compute least.
 
-    cost(r) = uncached prompt tokens on r  +  pool_load_cost * tokens r loads from the shared pool
+    cost(r) = uncached prompt tokens on r
+              +  pool_load_cost * tokens r loads from its node's pool  +  pool_fetch_cost * tokens fetched from
+                 another node's pool first
               +  prefill tokens already queued on r  +  running_cost * running(r)
 
 The first term rewards a replica that holds the prefix; the others price its queue in the same unit (tokens to
 compute before this request's first token). So a hot system prompt shared by every session stops attracting
 sessions once the replica holding it has more queued prefill than the prompt is long (the others then compute it
-once and hold it too); a prefix in the shared pool makes every replica nearly as good as the one holding it,
-priced by pool_load_cost (loading a token over computing it, from measured bandwidth); a session mid-conversation, whose 50K-token history sits on one replica, stays there unless
-that replica's queue is 50K tokens deep; equal replicas tie and share the load.
+once and hold it too); a prefix in the shared pool makes every replica nearly as good as the one holding it, priced
+by the measured cost of loading a token (and of copying it between nodes first) over computing it; a session
+mid-conversation, whose 50K-token history sits on one replica, stays there unless that replica's queue is 50K tokens
+deep; equal replicas tie and share the load.
 """
 
 from __future__ import annotations
@@ -24,6 +27,25 @@ class ReplicaLoad:
 
 
 @dataclass
+class PoolOffer:
+    """What the shared pool offers one replica: the prompt's leading tokens in the pool of the replica's own node,
+    and the longest leading run some other node's pool holds."""
+    local_tokens: int = 0
+    remote_tokens: int = 0
+    remote_node: str | None = None
+
+
+@dataclass
+class Fetch:
+    """Blocks the chosen replica's node must copy from another node's pool before the request runs."""
+    source_node: str
+    start_token: int
+    end_token: int
+    target_node: str = ""  # filled in by the router, which knows where replicas live
+    layouts: list[str] = field(default_factory=list)  # ditto: the engines' pool layouts (one per rank)
+
+
+@dataclass
 class Decision:
     replica: str
     predicted_cached_tokens: int  # local prefix-cache hit, or the pool's hit if longer
@@ -31,33 +53,42 @@ class Decision:
     # won on its queue; "balance": nothing cached anywhere
     reason: str
     costs: dict[str, int] = field(default_factory=dict)
+    fetch: Fetch | None = None
 
 
 def choose(prompt_tokens: int, cached_tokens: dict[str, int], loads: dict[str, ReplicaLoad],
-           running_cost_tokens: int, pool_tokens: int = 0, pool_load_cost: float = 0.0,
-           rng: random.Random = random._inst) -> Decision:
+           running_cost_tokens: int, pool: dict[str, PoolOffer] | None = None, pool_load_cost: float = 0.0,
+           pool_fetch_cost: float = 0.0, rng: random.Random = random._inst) -> Decision:
     """Pick the cheapest replica among the keys of `cached_tokens` (the live candidates' own prefix-cache hits).
-    `pool_tokens`: the prompt's leading tokens the shared pool holds (any replica can load them)."""
+    `pool`: per replica, what the shared pool offers it (missing: nothing)."""
     if not cached_tokens:
         raise ValueError("no candidate replicas")
+    pool = pool or {}
     costs: dict[str, int] = {}
+    covered: dict[str, int] = {}  # tokens the replica will not compute
     for r, cached in cached_tokens.items():
         load = loads.get(r) or ReplicaLoad()
-        loaded = max(0, pool_tokens - cached)
-        costs[r] = round(prompt_tokens - cached - loaded + pool_load_cost * loaded + load.queued_prefill_tokens
-                         + running_cost_tokens * load.running)
+        offer = pool.get(r) or PoolOffer()
+        local = max(cached, offer.local_tokens)
+        covered[r] = max(local, offer.remote_tokens)
+        costs[r] = round(prompt_tokens - covered[r] + pool_load_cost * (covered[r] - cached)
+                         + pool_fetch_cost * (covered[r] - local)
+                         + load.queued_prefill_tokens + running_cost_tokens * load.running)
     best = min(costs.values())
     tied = [r for r, c in costs.items() if c == best]
     # Ties go to the replica with fewer running requests, then at random, so equal replicas share the load.
     fewest = min((loads.get(r) or ReplicaLoad()).running for r in tied)
     chosen = rng.choice([r for r in tied if (loads.get(r) or ReplicaLoad()).running == fewest])
     most_cached = max(cached_tokens.values())
-    if most_cached == 0 and pool_tokens == 0:
+    if most_cached == 0 and max(covered.values()) == 0:
         reason = "balance"
-    elif cached_tokens[chosen] < pool_tokens:
+    elif cached_tokens[chosen] < covered[chosen]:
         reason = "pool"
     elif cached_tokens[chosen] == most_cached:
         reason = "prefix"
     else:
         reason = "load"
-    return Decision(chosen, max(cached_tokens[chosen], pool_tokens), reason, costs)
+    offer = pool.get(chosen) or PoolOffer()
+    local = max(cached_tokens[chosen], offer.local_tokens)
+    fetch = Fetch(offer.remote_node, local, covered[chosen]) if covered[chosen] > local else None
+    return Decision(chosen, covered[chosen], reason, costs, fetch)

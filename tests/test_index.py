@@ -8,7 +8,7 @@ import pytest
 from kvpool.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_message, encode_message
 from kvpool.hashing import block_hashes, chain_seed, prefix_sums
 from kvpool.index import PrefixIndex
-from kvpool.routing import ReplicaLoad, choose
+from kvpool.routing import Fetch, PoolOffer, ReplicaLoad, choose
 
 BS = 32
 
@@ -144,13 +144,27 @@ def test_equal_replicas_share_load():
 def test_pool_makes_any_replica_nearly_as_good():
     # A holds 8K of the prompt locally but has a queue; the pool holds 8K too, so B loads it and wins.
     loads = {"A": ReplicaLoad(queued_prefill_tokens=3_000)}
-    d = choose(10_000, {"A": 8_000, "B": 0}, loads, 64, pool_tokens=8_000, pool_load_cost=0.05)
-    assert d.replica == "B" and d.reason == "pool" and d.predicted_cached_tokens == 8_000
+    offer = PoolOffer(local_tokens=8_000)
+    d = choose(10_000, {"A": 8_000, "B": 0}, loads, 64, {"A": offer, "B": offer}, pool_load_cost=0.05)
+    assert d.replica == "B" and d.reason == "pool" and d.predicted_cached_tokens == 8_000 and d.fetch is None
     # Without the pool B would have to compute all 10K: A wins despite its queue.
     assert choose(10_000, {"A": 8_000, "B": 0}, loads, 64).replica == "A"
     # The pool extends a replica's own shorter hit.
-    d = choose(10_000, {"A": 2_000}, {}, 64, pool_tokens=6_000, pool_load_cost=0.05)
+    d = choose(10_000, {"A": 2_000}, {}, 64, {"A": PoolOffer(local_tokens=6_000)}, pool_load_cost=0.05)
     assert d.predicted_cached_tokens == 6_000 and d.costs["A"] == 4_000 + 200
+
+
+def test_pool_on_another_node_is_fetched_first():
+    # Only node n1's pool holds the prefix; B (on n2) must fetch it, A (on n1) loads it: A is cheaper.
+    pool = {"A": PoolOffer(local_tokens=8_000), "B": PoolOffer(remote_tokens=8_000, remote_node="n1")}
+    d = choose(10_000, {"A": 0, "B": 0}, {}, 64, pool, pool_load_cost=0.05, pool_fetch_cost=0.1)
+    assert d.replica == "A" and d.fetch is None and d.costs["B"] - d.costs["A"] == 800
+    # A is busy: B wins, and is told to fetch the part its own node lacks.
+    pool["B"] = PoolOffer(local_tokens=1_000, remote_tokens=8_000, remote_node="n1")
+    d = choose(10_000, {"A": 0, "B": 500}, {"A": ReplicaLoad(queued_prefill_tokens=5_000)}, 64, pool,
+               pool_load_cost=0.05, pool_fetch_cost=0.1)
+    assert d.replica == "B" and d.reason == "pool" and d.fetch == Fetch("n1", 1_000, 8_000)
+    assert d.predicted_cached_tokens == 8_000 and d.costs["B"] == 2_000 + 375 + 700
 
 
 def test_no_candidates_is_an_error():

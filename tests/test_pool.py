@@ -15,7 +15,7 @@ import ray
 
 from kvpool.config import KVPoolConfig
 from kvpool.connector import kv_transfer_config
-from kvpool.pool_store import PoolStore
+from kvpool.pool_store import PoolStore, pool_keys, request_namespace
 
 VOCAB = 390
 
@@ -95,13 +95,13 @@ def test_prefix_computed_on_a_is_loaded_by_b(tiny_model_dir, pool_dirs, referenc
     assert (toks, lps) == reference(prefix + suffix)
 
 
-def test_pool_actor_restart_and_disk_tier(tiny_model_dir, pool_dirs, reference, ray_cluster):
-    from actors.pool import PoolActor
+def test_pool_shard_restart_and_disk_tier(tiny_model_dir, pool_dirs, reference, ray_cluster):
+    from actors.pool import PoolShard
 
     host, disk = pool_dirs
     # No host budget: every block is demoted to the disk tier.
     cfg = KVPoolConfig(pool_host_dir=host, pool_disk_dir=disk, pool_host_bytes=0, pool_disk_bytes=1 << 30)
-    pool = ray.remote(PoolActor).options(max_restarts=-1, num_cpus=0).remote(cfg, 0.1)
+    pool = ray.remote(PoolShard).options(max_restarts=-1, num_cpus=0).remote(cfg, "", 0.1)
     ray.get(pool.start.remote())
     prompt = tokens(3, 700)
     a = engine(tiny_model_dir, pool_dirs)
@@ -146,14 +146,14 @@ def test_corrupt_block_is_recomputed(tiny_model_dir, pool_dirs, reference):
     assert (toks, lps) == reference(prompt + [9, 9])
 
 
-def test_pool_stays_within_budget(tiny_model_dir, pool_dirs):
-    from actors.pool import PoolActor
+def test_pool_stays_within_budget(tiny_model_dir, pool_dirs, ray_cluster):
+    from actors.pool import PoolShard
 
     host, disk = pool_dirs
     block_bytes = 32 * 1024  # tiny model, float32: 1 KiB per token
     cfg = KVPoolConfig(pool_host_dir=host, pool_disk_dir=disk, pool_host_bytes=20 * block_bytes,
                        pool_disk_bytes=40 * block_bytes)
-    keeper = PoolActor(cfg)
+    keeper = PoolShard(cfg)
     a = engine(tiny_model_dir, pool_dirs)
     for i in range(8):  # 8 distinct prompts x 15 blocks = 120 blocks, twice the whole budget
         generate(a, tokens(100 + i, 500))
@@ -167,13 +167,48 @@ def test_pool_stays_within_budget(tiny_model_dir, pool_dirs):
     assert st["demoted"] > 0 and st["evicted"] > 0
 
 
+def test_live_sessions_outlast_one_off_prompts(tiny_model_dir, pool_dirs, ray_cluster):
+    """A session that comes back (even when the engine's own cache serves it, so nothing is loaded from the pool)
+    keeps its pooled blocks; a stream of one-off prompts is evicted first, though it is more recent."""
+    from actors.pool import PoolShard
+
+    host, disk = pool_dirs
+    block_bytes = 32 * 1024
+    cfg = KVPoolConfig(pool_host_dir=host, pool_disk_dir=disk, pool_host_bytes=40 * block_bytes,
+                       pool_disk_bytes=0)
+    keeper = PoolShard(cfg)
+    session = tokens(200, 500)  # 15 blocks
+    a = engine(tiny_model_dir, pool_dirs)
+    generate(a, session)
+    wait_saved(pool_dirs, 15)
+    generate(a, session + tokens(201, 40))  # the next turn: the engine's own cache serves it
+    for i in range(6):  # 6 one-off prompts x 15 blocks, more than the whole budget
+        generate(a, tokens(300 + i, 500))
+        time.sleep(0.3)
+        keeper.maintain()
+    close(a)
+    time.sleep(0.5)
+    st = keeper.maintain()
+    assert st["host_bytes"] <= cfg.pool_host_bytes and st["evicted"] > 0 and st["live_session_blocks"] >= 15
+    store = PoolStore(host, disk, next(p.name for p in Path(host).iterdir()))
+    assert store.leading_hits(pool_keys(session, 32, request_namespace())) == 15, "the live session's blocks were evicted"
+
+
+def test_eviction_order():
+    from kvpool.pool_store import BlockFile, eviction_order
+
+    now = 1000.0
+    f = lambda key, used, reused: BlockFile(key, "host", Path(key), 1, used, reused)  # noqa: E731
+    files = [f("live-old", 900, True), f("oneoff-new", 990, False), f("idle", 100, True), f("live-new", 980, True)]
+    assert [x.key for x in eviction_order(files, now, session_ttl_s=600)] == \
+        ["idle", "oneoff-new", "live-old", "live-new"]
+
+
 def test_store_round_trip_and_keys(tmp_path):
     store = PoolStore(tmp_path / "h", tmp_path / "d", "layout")
     store.put("ab" * 16, b"\x01\x02\x03\x04" * 100)
     assert bytes(store.get("ab" * 16)) == b"\x01\x02\x03\x04" * 100
     assert store.get("cd" * 16) is None
-    from kvpool.pool_store import pool_keys
-
     k1, k2 = pool_keys(list(range(64)), 32), pool_keys(list(range(64)), 32, b"tenant")
     assert len(k1) == 2 and k1[0] != k2[0]
     assert pool_keys(list(range(64)) + [1], 32) == k1

@@ -111,7 +111,11 @@ def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
     msgs = [{"role": "user", "content": text(random.Random(5), 1200)}]
     first = chat(url, msgs, max_tokens=1)
     victim, n_first = first.headers["x-kvpool-replica"], first.json()["usage"]["prompt_tokens"]
-    time.sleep(0.5)  # the pool writes in the background
+    # The pool writes in the background and its shard reports the blocks to the router after its next pass.
+    deadline = time.time() + 10
+    while sum(stats(url)["pool_blocks_by_node"].values()) < n_first // TEST_BLOCK - 1:
+        assert time.time() < deadline, stats(url)["pool_blocks_by_node"]
+        time.sleep(0.2)
     handle = next(a for a in ray.util.list_named_actors(all_namespaces=True)
                   if victim in a["name"])
     ray.kill(ray.get_actor(handle["name"], namespace=handle["namespace"]), no_restart=True)
