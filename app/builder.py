@@ -8,7 +8,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from actors.engine import EngineReplica, engine_env
 from app.ingress import OpenAIIngress
@@ -22,6 +22,8 @@ def engine_deployment_options(cfg: KVPoolConfig) -> dict[str, Any]:
         name="EngineReplica",
         num_replicas=cfg.num_replicas,
         max_ongoing_requests=cfg.max_ongoing_requests,
+        # Bounded: past it the ingress's call fails at once with BackPressureError, answered as 429.
+        max_queued_requests=cfg.max_queued_requests,
         health_check_period_s=5,
         graceful_shutdown_timeout_s=5,
     )
@@ -29,13 +31,14 @@ def engine_deployment_options(cfg: KVPoolConfig) -> dict[str, Any]:
         opts["request_router_config"] = RequestRouterConfig(request_router_class=PrefixRequestRouter)
     actor: dict[str, Any] = {"num_cpus": cfg.replica_num_cpus, "runtime_env": {"env_vars": engine_env(cfg)}}
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
-    if cfg.resolved_device() == "cuda":
-        if world == 1:
-            actor["num_gpus"] = 1
-        else:
-            # One bundle for the replica, one GPU bundle per engine worker, all on one node.
-            opts["placement_group_bundles"] = [{"CPU": cfg.replica_num_cpus}] + [{"GPU": 1}] * world
-            opts["placement_group_strategy"] = "STRICT_PACK"
+    if cfg.uses_placement_group():
+        # One bundle for the replica, one GPU bundle per engine worker, all on one node.
+        opts["placement_group_bundles"] = [{"CPU": cfg.replica_num_cpus}] + [{"GPU": 1}] * world
+        opts["placement_group_strategy"] = "STRICT_PACK"
+    elif cfg.resolved_device() == "cuda":
+        actor["num_gpus"] = 1
+    if cfg.max_replicas_per_node:
+        opts["max_replicas_per_node"] = cfg.max_replicas_per_node
     opts["ray_actor_options"] = actor
     return opts
 
@@ -43,4 +46,11 @@ def engine_deployment_options(cfg: KVPoolConfig) -> dict[str, Any]:
 def build_app(args: KVPoolConfig) -> Application:
     cfg = args if isinstance(args, KVPoolConfig) else KVPoolConfig.model_validate(args or {})
     engine = serve.deployment(EngineReplica).options(**engine_deployment_options(cfg)).bind(cfg)
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(engine, cfg)
+    # The ingress holds each request until it ends (streams included): its own bound is the engines' slots plus
+    # their queue; past it Serve's proxy answers 429 with Retry-After.
+    return OpenAIIngress.options(
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=cfg.num_replicas * cfg.max_ongoing_requests + cfg.max_queued_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),
+    ).bind(engine, cfg)

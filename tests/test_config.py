@@ -38,3 +38,15 @@ def test_deployment_options_cpu_and_tensor_parallel_gpu():
     tp4 = engine_deployment_options(KVPoolConfig(device="cuda", tensor_parallel_size=4, block_size=16))
     assert tp4["placement_group_bundles"][1:] == [{"GPU": 1}] * 4
     assert tp4["placement_group_strategy"] == "STRICT_PACK"
+
+
+def test_replicas_spread_over_nodes():
+    assert engine_deployment_options(KVPoolConfig(device="cpu", max_replicas_per_node=1))["max_replicas_per_node"] == 1
+    with pytest.raises(ValidationError):  # a TP group is a placement group: Serve refuses both
+        KVPoolConfig(device="cuda", tensor_parallel_size=2, max_replicas_per_node=1, block_size=16)
+
+
+def test_pool_dirs_expand_node_variables(monkeypatch):
+    monkeypatch.setenv("KVPOOL_NODE", "n2")
+    cfg = KVPoolConfig(pool_host_dir="/tmp/p/$KVPOOL_NODE/host", pool_disk_dir="/tmp/p/${KVPOOL_NODE}/disk")
+    assert (cfg.pool_host_dir_resolved(), cfg.pool_disk_dir_resolved()) == ("/tmp/p/n2/host", "/tmp/p/n2/disk")
