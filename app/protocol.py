@@ -16,9 +16,10 @@ class OpenAIError(Exception):
     """An error answered with an OpenAI-style body: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -40,12 +41,13 @@ class _Request(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension, for benchmarks: generate exactly max_tokens
 
     def sampling_kwargs(self, max_tokens: int) -> dict[str, Any]:
         """Keyword arguments for vllm.SamplingParams; None means the engine default."""
         kw = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
                   seed=self.seed, presence_penalty=self.presence_penalty,
-                  frequency_penalty=self.frequency_penalty)
+                  frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos or None)
         return {k: v for k, v in kw.items() if v is not None}
 
 

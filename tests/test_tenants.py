@@ -1,0 +1,100 @@
+"""API keys, per-tenant KV isolation and overload, against a real app (1 engine replica of the tiny model, with
+prefix routing and the pool on), over HTTP."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from conftest import TEST_BLOCK
+
+KEYS = {"a": "key-tenant-a", "b": "key-tenant-b"}
+
+
+@pytest.fixture(scope="module")
+def guarded_app(ray_cluster, tiny_model_dir, tmp_path_factory):
+    from ray import serve
+
+    from app.builder import build_app
+    from kvpool.config import KVPoolConfig
+
+    # One engine slot and a queue of two: the fourth concurrent request finds the engine deployment full.
+    cfg = KVPoolConfig(model=str(tiny_model_dir), served_model_name="tiny", num_replicas=1, max_model_len=4096,
+                       kv_cache_bytes=16 << 20, block_size=TEST_BLOCK, router_port=5593, api_keys=list(KEYS.values()),
+                       max_ongoing_requests=1, max_queued_requests=2, retry_after_s=3,
+                       pool_host_dir=str(tmp_path_factory.mktemp("g-host")),
+                       pool_disk_dir=str(tmp_path_factory.mktemp("g-disk")))
+    serve.run(build_app(cfg), name="guarded", route_prefix="/guarded", blocking=False)
+    url = "http://127.0.0.1:8000/guarded"
+    _wait_ready_with_key(url)
+    yield url
+    serve.delete("guarded")
+
+
+def _wait_ready_with_key(url: str) -> None:
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            r = httpx.post(f"{url}/v1/completions", headers=auth("a"), timeout=30,
+                           json={"model": "tiny", "prompt": "hi", "max_tokens": 1})
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("guarded app not ready")
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def complete(url, tenant, prompt, max_tokens=4):
+    r = httpx.post(f"{url}/v1/completions", headers=auth(tenant), timeout=120,
+                   json={"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEYS["a"]}])
+def test_requests_without_a_valid_key_are_refused(guarded_app, headers):
+    for method, path in [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                         ("GET", "/v1/kvpool/stats")]:
+        r = httpx.request(method, guarded_app + path, headers=headers, timeout=30,
+                          json={"model": "tiny", "prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+    assert httpx.get(f"{guarded_app}/health", timeout=10).status_code == 200
+
+
+def test_one_tenants_prompts_are_never_cache_hits_for_another(guarded_app):
+    prompt = "secret design notes of tenant a " * 40
+    complete(guarded_app, "a", prompt)
+    again = complete(guarded_app, "a", prompt)
+    hit = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert hit >= TEST_BLOCK and int(again.headers["x-kvpool-predicted-cached-tokens"]) == hit
+    other = complete(guarded_app, "b", prompt)
+    assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert other.headers["x-kvpool-predicted-cached-tokens"] == "0"
+    # Same words, same output: isolation changes what is reused, never the answer.
+    assert other.json()["choices"][0]["text"] == again.json()["choices"][0]["text"]
+
+
+def test_overload_answers_429_with_retry_after_and_loses_nothing(guarded_app):
+    async def burst():
+        async with httpx.AsyncClient(headers=auth("a"), timeout=300) as c:
+            body = {"model": "tiny", "prompt": "load " * 50, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+            return await asyncio.gather(*(c.post(f"{guarded_app}/v1/completions", json=body) for _ in range(10)))
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 1 and codes.count(429) >= 1, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 48
+    # The server recovers: the next request after the burst is served.
+    assert complete(guarded_app, "a", "after the burst").status_code == 200
