@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from kvpool.bench.compare import CONFIGS
+from kvpool.traces import FORMATS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,19 +41,25 @@ def main(argv: list[str] | None = None) -> None:
 
     default_trace = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "claude-code"
     def replay_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--trace", default=str(default_trace), help="a Claude Code transcripts folder")
-        p.add_argument("--sessions", type=int, default=16)
+        p.add_argument("--trace", default=str(default_trace),
+                       help="a trace file or folder: Claude Code transcripts, aiperf dataset.jsonl, Mooncake .jsonl,"
+                            " SWE-agent .traj")
+        p.add_argument("--trace-format", choices=FORMATS,
+                       help="default: from the path's file or folder name, else claude-code")
+        p.add_argument("--sessions", type=int, default=16,
+                       help="sessions run at once (mooncake: the clients its requests are dealt to)")
         p.add_argument("--duration", type=float, default=600, help="seconds")
         p.add_argument("--turns", type=int, default=0, help="at most this many turns per session (0: all)")
         p.add_argument("--max-context", type=int, default=7000, help="tokens; sessions are scaled to fit")
         p.add_argument("--max-output", type=int, default=64, help="cap on each turn's output tokens")
         p.add_argument("--think-scale", type=float, default=0.1, help="times the trace's think time")
-        p.add_argument("--out", default="", help="write the results as JSON here")
+        p.add_argument("--out", default="", help="write the results as JSON here, and X-*.png plots beside X.json")
 
     replay = bench.add_parser("replay", help="replay agent sessions against an OpenAI endpoint (closed loop)")
     replay_args(replay)
     replay.add_argument("--url", default="http://127.0.0.1:8000")
-    replay.add_argument("--tokenizer", default="", help="for the cache bound; default: the embedded model")
+    replay.add_argument("--tokenizer", default="",
+                        help="for the cache bound and the token-id prompts' vocabulary; default: the embedded model")
     replay.add_argument("--block-size", type=int, default=32)
 
     compare = sub.add_parser("compare", help="replay against no-cache, Ray Serve LLM (2 routers), KV-Pool")

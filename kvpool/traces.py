@@ -1,31 +1,78 @@
-"""Agent workload traces as replayable sessions: each session a list of turns, each turn one chat request.
+"""Agent workload traces as replayable sessions: each session a list of turns, each turn one request.
 
-Claude Code transcripts (../shared/traces/claude-code): every assistant message (one API response, possibly spread
-over several lines that share a message id) becomes one request carrying the session's messages up to that point,
-with tool calls and tool results rendered as text, as an agent sends them. Each transcript file is a session; the
-subagent and compaction side-sessions under <uuid>/subagents/ are sessions of their own.
+Four formats (../shared/traces/README.md), chosen with `--trace-format` or detected from the path:
+
+claude-code  Claude Code transcripts: every assistant message (one API response, possibly spread over several
+             lines that share a message id) becomes one request carrying the session's messages up to that point,
+             with tool calls and tool results rendered as text, as an agent sends them. Each transcript file is a
+             session; the subagent and compaction side-sessions under <uuid>/subagents/ are sessions of their own.
+swe-agent    SWE-agent trajectories (.traj): every assistant message of the append-only `history` becomes one
+             request carrying the messages before it. The trajectories have no output lengths or think times: the
+             output is the assistant message's estimated length, the think time zero.
+aiperf       aiperf agentic sessions (dataset.jsonl): lines grouped by `session_id`; a turn's prompt is the previous
+             prompt, the previous output, then the turn's new hash blocks; `delay` is the think time.
+mooncake     Mooncake requests (one file; a folder means its conversation_trace.jsonl): no sessions, so request j
+             goes to client j % `clients`, and each client is one closed-loop session with no think time: the
+             requests keep their trace order, the trace's open-loop arrival times are not used.
+
+claude-code and swe-agent turns are chat messages. aiperf and mooncake carry no text, only hash ids, each standing
+for a 512-token block (equal id, equal content): their turns are token-id prompts, described as pieces
+(content key, trace tokens) and made into token ids by `fit_tokens`, which draws each key's tokens from a generator
+seeded by the key. So equal ids give equal tokens across sessions, and every request of an aiperf session is an
+exact prefix of its next one (the previous output is drawn from a key of the session and turn). To fit a context,
+`fit_tokens` shrinks every block by one factor instead of cutting prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
+FORMATS = ("claude-code", "aiperf", "mooncake", "swe-agent")
+CHARS_PER_TOKEN = 3  # conservative for code and tool output, so scaled prompts fit the context
+BLOCK_TOKENS = 512  # tokens per hash id in the aiperf and Mooncake traces
+MIN_BLOCK_TOKENS = 32  # the KV block size: scaling stops there, and prompts still too long are cut
+FIRST_TOKEN_ID = 100  # synthetic prompts stay above the special and byte tokens
+DEFAULT_VOCAB_SIZE = 49152  # the embedded SmolLM2's tokenizer
+
 
 @dataclass
 class Turn:
-    messages: list[dict]  # the request's messages (OpenAI chat format)
+    messages: list[dict]  # chat traces: the request's messages (OpenAI chat format); token-id traces: empty
     max_tokens: int  # the trace's output length
     think_s: float = 0.0  # the agent's pause before sending this turn
+    blocks: list[tuple[object, int]] | None = None  # token-id traces: the prompt as (content key, trace tokens)
+    prompt_ids: list[int] | None = None  # token-id traces: the prompt's token ids, made by fit_tokens
 
 
 @dataclass
 class Session:
     name: str
     turns: list[Turn] = field(default_factory=list)
+
+
+def detect_format(path: Path) -> str:
+    """The format a trace path names by its file or folder name; claude-code if none matches."""
+    name = " ".join(path.parts[-2:]).lower()
+    if path.suffix == ".traj" or "swe-agent" in name:
+        return "swe-agent"
+    return next((fmt for fmt in ("aiperf", "mooncake") if fmt in name), "claude-code")
+
+
+def read_sessions(path: Path, trace_format: str | None = None, clients: int = 16) -> list[Session]:
+    """The sessions of a trace in `trace_format` (None: detected from the path); `clients` is for mooncake."""
+    trace_format = trace_format or detect_format(path)
+    if trace_format == "mooncake":
+        return read_mooncake(path, clients)
+    readers = {"claude-code": read_claude_code, "aiperf": read_aiperf, "swe-agent": read_swe_agent}
+    return readers[trace_format](path)
 
 
 def _text(content) -> str:
@@ -99,8 +146,72 @@ def read_claude_code(root: Path) -> list[Session]:
     return sorted(sessions, key=lambda s: -len(s.turns))
 
 
+def read_swe_agent_file(path: Path) -> Session:
+    session = Session(path.stem)
+    messages: list[dict] = []
+    for m in json.loads(path.read_text())["history"]:
+        text = _text(m.get("content"))
+        action = (m.get("action") or "").strip()
+        if m["role"] == "assistant":
+            if action and action not in text:  # function-calling agents send the action as a tool call
+                text += f"\n[tool call] {action}"
+            if messages:
+                session.turns.append(Turn([dict(x) for x in messages], max(1, len(text) // CHARS_PER_TOKEN)))
+        # Tool results as user text, as for Claude Code: a chat "tool" message would need the call's id.
+        messages.append({"role": "user" if m["role"] == "tool" else m["role"], "content": text or "(no text)"})
+    return session
+
+
+def read_swe_agent(path: Path) -> list[Session]:
+    """One .traj file, or every .traj file of a folder, largest first."""
+    files = sorted(path.glob("*.traj")) if path.is_dir() else [path]
+    sessions = [s for s in (read_swe_agent_file(f) for f in files) if s.turns]
+    return sorted(sessions, key=lambda s: -len(s.turns))
+
+
+def _hash_blocks(hash_ids: list[int], tokens: int) -> list[tuple[object, int]]:
+    """The pieces of `tokens` trace tokens spread over `hash_ids` blocks: all full but the last."""
+    if not hash_ids:
+        return []
+    last = tokens - BLOCK_TOKENS * (len(hash_ids) - 1)
+    return [(h, BLOCK_TOKENS) for h in hash_ids[:-1]] + [(hash_ids[-1], last)]
+
+
+def read_aiperf(path: Path) -> list[Session]:
+    """The sessions of an aiperf agentic dataset (a dataset.jsonl file or its folder), in file order."""
+    if path.is_dir():
+        path = path / "dataset.jsonl"
+    sessions: dict[str, Session] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        sid = row["session_id"]
+        session = sessions.setdefault(sid, Session(sid))
+        blocks = []
+        if session.turns:
+            prev, prev_index = session.turns[-1], len(session.turns) - 1
+            # The previous answer, drawn from keys of the session and turn: the same in every later prompt.
+            output = [((sid, prev_index, i), min(BLOCK_TOKENS, prev.max_tokens - i * BLOCK_TOKENS))
+                      for i in range(math.ceil(prev.max_tokens / BLOCK_TOKENS))]
+            blocks = prev.blocks + output
+        blocks = blocks + _hash_blocks(row["hash_ids"], row["input_length"])
+        session.turns.append(Turn([], row["output_length"], row.get("delay", 0.0) / 1000, blocks))
+    return list(sessions.values())
+
+
+def read_mooncake(path: Path, clients: int) -> list[Session]:
+    """The requests of a Mooncake trace dealt round-robin to `clients` sessions."""
+    if path.is_dir():
+        path = path / "conversation_trace.jsonl"
+    sessions = [Session(f"{path.stem}-client{c}") for c in range(clients)]
+    for j, line in enumerate(path.read_text().splitlines()):
+        row = json.loads(line)
+        turn = Turn([], row["output_length"], 0.0, _hash_blocks(row["hash_ids"], row["input_length"]))
+        sessions[j % clients].turns.append(turn)
+    return [s for s in sessions if s.turns]
+
+
 def fit_context(session: Session, max_chars: int) -> Session:
-    """Shrink a session so its longest request fits `max_chars`, keeping its growth pattern: every message is
+    """Shrink a chat session so its longest request fits `max_chars`, keeping its growth pattern: every message is
     truncated by the same factor, and a message is truncated the same way in every turn, so each request is still
     a prefix of the next (what makes agent traffic cacheable)."""
     longest = max(sum(len(m["content"]) for m in t.messages) for t in session.turns)
@@ -110,3 +221,53 @@ def fit_context(session: Session, max_chars: int) -> Session:
     cut = lambda s: s[: max(1, math.floor(len(s) * f))]  # noqa: E731
     return Session(session.name, [Turn([{"role": m["role"], "content": cut(m["content"])} for m in t.messages],
                                        t.max_tokens, t.think_s) for t in session.turns])
+
+
+def scaled_tokens(trace_tokens, per_block: int):
+    """A piece's length (int or array) when a full block holds `per_block` tokens; a partial block keeps its share,
+    rounded up so it never vanishes."""
+    return -(-trace_tokens * per_block // BLOCK_TOKENS)
+
+
+def tokens_per_block(sessions: list[Session], max_tokens: int) -> int:
+    """The most tokens per hash block, from 512 down to MIN_BLOCK_TOKENS, at which every prompt fits."""
+    pieces = [np.array([n for _, n in t.blocks], dtype=np.int64) for s in sessions for t in s.turns]
+
+    def fits(per_block: int) -> bool:
+        return all(scaled_tokens(p, per_block).sum() <= max_tokens for p in pieces)
+
+    lo, hi = MIN_BLOCK_TOKENS, BLOCK_TOKENS  # binary search: prompt lengths grow with per_block
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _key_seed(key: object) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
+
+
+def fit_tokens(sessions: list[Session], max_tokens: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[Session]:
+    """Token-id sessions with their prompts made, the longest fitting `max_tokens`. Every block shrinks from 512
+    tokens to the same `tokens_per_block` (one factor for all sessions, so blocks they share stay equal), which keeps
+    the growth pattern and the exact-prefix chain of each session. Prompts still too long at MIN_BLOCK_TOKENS are
+    cut to `max_tokens`, with a warning: still a prefix of the next prompt, but a cut prompt may repeat the previous
+    one whole."""
+    per_block = tokens_per_block(sessions, max_tokens)
+    block_ids: dict[object, list[int]] = {}
+    fitted, cut = [], 0
+    for s in sessions:
+        turns = []
+        for t in s.turns:
+            ids: list[int] = []
+            for key, n in t.blocks:
+                if key not in block_ids:
+                    rng = np.random.default_rng(_key_seed(key))
+                    block_ids[key] = rng.integers(FIRST_TOKEN_ID, vocab_size, per_block).tolist()
+                ids += block_ids[key][: scaled_tokens(n, per_block)]
+            cut += len(ids) > max_tokens
+            turns.append(Turn([], t.max_tokens, t.think_s, t.blocks, ids[:max_tokens]))
+        fitted.append(Session(s.name, turns))
+    if cut:
+        warnings.warn(f"{cut} prompts cut to {max_tokens} tokens even at {per_block} tokens per hash block")
+    return fitted

@@ -7,7 +7,8 @@
   kvpool          KV-Pool complete (routing + shared pool)
 
 Same model, replica count, KV memory per replica, sessions and trace for all. Each app is deployed, replayed, then
-deleted before the next starts, so they never share a core.
+deleted before the next starts, so they never share a core. `--out X.json` also writes X-turns.png (every
+configuration's turn curves) and X-summary.png (bars), see kvpool.bench.plots.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from kvpool.traces import detect_format
 
 CONFIGS = ["no-cache", "rayllm-default", "rayllm-prefix", "kvpool-router", "kvpool"]
 METRICS = ["input_tok_s", "output_tok_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_mean_s",
@@ -99,28 +102,34 @@ def table(results: dict[str, dict]) -> str:
 
 def run(args) -> dict:
     import asyncio
+    from dataclasses import asdict
 
     import ray
     from ray import serve
 
     from kvpool.bench.replay import Bound, load_sessions, replay, summarize
     from kvpool.model import resolve_model
+    from kvpool.prompt import PromptRenderer
 
     model_path = resolve_model(args.model)
-    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns)
+    renderer = PromptRenderer.from_pretrained(model_path)
+    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns,
+                             args.trace_format, vocab_size=len(renderer.tokenizer))
     configs = args.configs or CONFIGS
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
     results: dict[str, dict] = {}
+    records: dict[str, list] = {}  # per configuration, for the plots and the --out file
     pool_root = tempfile.mkdtemp(prefix="kvpool-compare-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
     try:
         for name in configs:
             url = _deploy(name, args, model_path, f"{pool_root}/{name}")
             try:
                 startup = _wait_ready(url)
-                records, wall = asyncio.run(replay(url, sessions, args.duration, args.turns, args.think_scale,
-                                                   args.max_output, Bound(model_path, 32), progress=not args.json))
-                results[name] = {"startup_s": round(startup, 1), **summarize(records, wall)}
+                records[name], wall = asyncio.run(replay(url, sessions, args.duration, args.turns, args.think_scale,
+                                                         args.max_output, Bound(32, renderer),
+                                                         progress=not args.json))
+                results[name] = {"startup_s": round(startup, 1), **summarize(records[name], wall)}
             except Exception as e:  # one configuration failing must not lose the others' numbers
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
             finally:
@@ -132,9 +141,16 @@ def run(args) -> dict:
         ray.shutdown()
     out = {"bench": "compare", "model": args.model or "SmolLM2-135M-Instruct", "replicas": args.replicas,
            "kv_cache_bytes_per_replica": args.kv_cache_bytes, "sessions": args.sessions, "duration_s": args.duration,
-           "max_context": args.max_context, "trace": args.trace, "results": results}
+           "max_context": args.max_context, "trace": args.trace,
+           "trace_format": args.trace_format or detect_format(Path(args.trace)), "results": results}
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        from kvpool.bench.plots import plot_summaries, plot_turns
+
+        path = Path(args.out)
+        per_config = {name: [asdict(r) for r in recs] for name, recs in records.items()}
+        path.write_text(json.dumps({**out, "records": per_config}, indent=1))
+        plot_turns(records, path)
+        plot_summaries(results, path)
     if not args.json:
         print(table(results))
     return out

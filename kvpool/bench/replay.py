@@ -1,10 +1,13 @@
 """`kvpool bench replay`: replays agent sessions against any OpenAI-compatible endpoint, closed loop.
 
-`--sessions` sessions run at once; each sends its next turn when the previous answer has completed and the trace's
-think time (times `--think-scale`) has passed, until its turns or `--duration` run out. Every request streams, so
-TTFT is measured; usage gives prompt and cached tokens. The run also computes its own infinite-cache bound: for
-each request, in send order, the longest block-aligned prefix of its token ids that an earlier request already
-had (the hit rate a perfect, infinitely large, shared cache would reach on exactly this run).
+The trace is in any format of kvpool.traces: chat turns go to /v1/chat/completions, token-id turns (aiperf,
+Mooncake) to /v1/completions with the token ids as the prompt. `--sessions` sessions run at once; each sends its
+next turn when the previous answer has completed and the trace's think time (times `--think-scale`) has passed,
+until its turns or `--duration` run out. Every request streams, so TTFT is measured; usage gives prompt and cached
+tokens. The run also computes its own infinite-cache bound: for each request, in send order, the longest
+block-aligned prefix of its token ids that an earlier request already had (the hit rate a perfect, infinitely
+large, shared cache would reach on exactly this run). A progress bar on stderr follows the run; `--out X.json`
+keeps every request's record there and plots them in X-turns.png.
 """
 
 from __future__ import annotations
@@ -13,16 +16,20 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 from kvpool.hashing import block_hashes
-from kvpool.traces import Session, Turn, fit_context, read_claude_code
+from kvpool.traces import (CHARS_PER_TOKEN, DEFAULT_VOCAB_SIZE, Session, Turn, detect_format, fit_context,
+                           fit_tokens, read_sessions)
 
-CHARS_PER_TOKEN = 3  # conservative for code and tool output, so scaled prompts fit the context
+if TYPE_CHECKING:
+    from kvpool.prompt import PromptRenderer  # transformers: loaded only when chat turns need it
 
 
 @dataclass
@@ -39,37 +46,44 @@ class Record:
     error: str | None = None
 
 
-def load_sessions(trace: Path, n: int, max_context: int, max_output: int, max_turns: int = 0) -> list[Session]:
-    """`n` sessions from the trace, each cut to `max_turns` turns and then scaled so its last turn fits."""
-    base = read_claude_code(trace)
+def _another_agent(session: Session, i: int) -> Session:
+    """Agent `i` on the same task as `session`: its own conversation, sharing nothing with the first."""
+
+    def distinct(t: Turn) -> Turn:
+        if t.blocks is not None:
+            return replace(t, blocks=[((i, key), n) for key, n in t.blocks])
+        first = {**t.messages[0], "content": f"[agent {i}] " + t.messages[0]["content"]}
+        return replace(t, messages=[first, *t.messages[1:]])
+
+    return Session(f"{session.name}#{i}", [distinct(t) for t in session.turns])
+
+
+def load_sessions(trace: Path, n: int, max_context: int, max_output: int, max_turns: int = 0,
+                  trace_format: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[Session]:
+    """`n` sessions from the trace, each cut to `max_turns` turns and then scaled so its last turn fits
+    (token-id sessions all by one factor, see kvpool.traces.fit_tokens)."""
+    base = read_sessions(trace, trace_format, clients=n)
     if not base:
         raise ValueError(f"no sessions in {trace}")
     if max_turns:
         base = [Session(s.name, s.turns[:max_turns]) for s in base]
-    max_chars = (max_context - max_output - 64) * CHARS_PER_TOKEN
-    sessions = []
-    for i in range(n):
-        s = fit_context(base[i % len(base)], max_chars)
-        if i >= len(base):  # another agent on the same task: its own conversation, sharing nothing
-            tag = f"[agent {i}] "
-            s = Session(f"{s.name}#{i}", [Turn([{**t.messages[0], "content": tag + t.messages[0]["content"]},
-                                                *t.messages[1:]], t.max_tokens, t.think_s) for t in s.turns])
-        sessions.append(s)
-    return sessions
+    sessions = [base[i] if i < len(base) else _another_agent(base[i % len(base)], i) for i in range(n)]
+    if base[0].turns[0].blocks is not None:
+        return fit_tokens(sessions, max_context - max_output, vocab_size)
+    max_chars = (max_context - max_output - 64) * CHARS_PER_TOKEN  # 64: the chat template's own tokens
+    return [fit_context(s, max_chars) for s in sessions]
 
 
 class Bound:
     """The infinite-cache bound of the requests sent so far, on the model's own tokenization."""
 
-    def __init__(self, tokenizer_path: str, block_size: int):
-        from kvpool.prompt import PromptRenderer
-
-        self.renderer = PromptRenderer.from_pretrained(tokenizer_path)
+    def __init__(self, block_size: int, renderer: PromptRenderer | None = None):
+        self.renderer = renderer  # tokenizes chat turns; token-id turns need none
         self.block_size = block_size
         self.seen: set[int] = set()
 
-    def observe(self, messages: list[dict]) -> int:
-        ids = self.renderer.chat(messages)
+    def observe(self, turn: Turn) -> int:
+        ids = turn.prompt_ids if turn.prompt_ids is not None else self.renderer.chat(turn.messages)
         hashes = block_hashes(ids[:-1], self.block_size).tolist()
         hit = 0
         while hit < len(hashes) and hashes[hit] in self.seen:
@@ -79,11 +93,16 @@ class Bound:
 
 
 async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, max_output: int, rec: Record) -> None:
-    body = {"model": model, "messages": turn.messages, "max_tokens": max(1, min(turn.max_tokens, max_output)),
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": model, "max_tokens": max(1, min(turn.max_tokens, max_output)), "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    chat = turn.prompt_ids is None
+    if chat:
+        body["messages"] = turn.messages
+    else:
+        body["prompt"] = turn.prompt_ids
     t0 = time.perf_counter()
     try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        async with client.stream("POST", f"{url}/v1/{'chat/completions' if chat else 'completions'}", json=body) as r:
             if r.status_code != 200:
                 rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return
@@ -94,8 +113,11 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, max
                 if "error" in chunk:
                     rec.error = chunk["error"].get("message", "stream error")
                     return
-                if rec.ttft_s is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    rec.ttft_s = time.perf_counter() - t0
+                if rec.ttft_s is None and chunk.get("choices"):
+                    choice = chunk["choices"][0]
+                    piece = choice["delta"].get("content") if chat else choice.get("text")
+                    if piece:
+                        rec.ttft_s = time.perf_counter() - t0
                 if chunk.get("usage"):
                     u = chunk["usage"]
                     rec.prompt_tokens, rec.completion_tokens = u["prompt_tokens"], u["completion_tokens"]
@@ -121,23 +143,35 @@ async def replay(url: str, sessions: list[Session], duration_s: float, max_turns
                 if time.perf_counter() >= deadline:
                     return
                 rec = Record(s.name, i, time.perf_counter() - start)
-                rec.bound_tokens = bound.observe(turn.messages)
+                rec.bound_tokens = bound.observe(turn)
                 records.append(rec)
                 await _send(client, url, model, turn, max_output, rec)
 
-        async def report() -> None:
-            while True:
-                await asyncio.sleep(10)
-                done = [r for r in records if r.latency_s is not None]
-                p = sum(r.prompt_tokens for r in done)
-                hit = sum(r.cached_tokens for r in done) / p if p else 0
-                print(f"[{time.perf_counter() - start:6.0f}s] {len(done)} done, {len(records) - len(done)} in flight,"
-                      f" hit rate {hit:.1%}", file=sys.stderr, flush=True)
+        # With --turns the work is known, so the bar counts turns; otherwise it counts seconds up to --duration.
+        turns_total = sum(len(s.turns[:max_turns]) for s in sessions) if max_turns else 0
+        bar = tqdm(total=turns_total or int(duration_s), unit="turn", file=sys.stderr, disable=not progress,
+                   dynamic_ncols=True, bar_format=None if turns_total else "{l_bar}{bar}| {n}/{total} s{postfix}")
 
-        reporter = asyncio.create_task(report()) if progress else None
-        await asyncio.gather(*(run_session(s) for s in sessions))
-        if reporter:
-            reporter.cancel()
+        def show() -> None:
+            done = [r for r in records if r.latency_s is not None or r.error is not None]
+            ok = [r for r in done if r.error is None]
+            prompt = sum(r.prompt_tokens for r in ok)
+            bar.n = len(done) if turns_total else min(int(time.perf_counter() - start), int(duration_s))
+            bar.set_postfix(done=len(done), in_flight=len(records) - len(done), errors=len(done) - len(ok),
+                            hit=f"{sum(r.cached_tokens for r in ok) / prompt if prompt else 0:.1%}")
+
+        async def tick() -> None:
+            while True:
+                show()
+                await asyncio.sleep(1)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await asyncio.gather(*(run_session(s) for s in sessions))
+        finally:
+            ticker.cancel()
+            show()
+            bar.close()
         return records, time.perf_counter() - start
 
 
@@ -162,13 +196,20 @@ def summarize(records: list[Record], wall_s: float) -> dict:
 
 def run(args) -> dict:
     from kvpool.model import resolve_model
+    from kvpool.prompt import PromptRenderer
 
-    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns)
-    bound = Bound(args.tokenizer or resolve_model(""), args.block_size)
+    renderer = PromptRenderer.from_pretrained(args.tokenizer or resolve_model(""))
+    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns,
+                             args.trace_format, vocab_size=len(renderer.tokenizer))
     records, wall = asyncio.run(replay(args.url.rstrip("/"), sessions, args.duration, args.turns, args.think_scale,
-                                       args.max_output, bound))
+                                       args.max_output, Bound(args.block_size, renderer)))
     result = {"bench": "replay", "url": args.url, "sessions": args.sessions, "trace": str(args.trace),
-              "max_context": args.max_context, **summarize(records, wall)}
+              "trace_format": args.trace_format or detect_format(Path(args.trace)), "max_context": args.max_context,
+              **summarize(records, wall)}
     if args.out:
-        Path(args.out).write_text(json.dumps({"summary": result, "records": [asdict(r) for r in records]}))
+        from kvpool.bench.plots import plot_turns
+
+        out = Path(args.out)
+        out.write_text(json.dumps({"summary": result, "records": [asdict(r) for r in records]}))
+        plot_turns({"replay": records}, out)
     return result

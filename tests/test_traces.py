@@ -1,0 +1,170 @@
+"""The trace readers, token-id scaling and the infinite-cache bound on the real shared traces, and the replay plots.
+
+Small samples of ../shared/traces: the file runs in seconds, without Ray, engines or a tokenizer.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvpool.bench.plots import plot_summaries, plot_turns
+from kvpool.bench.replay import Bound, Record, load_sessions, summarize
+from kvpool.traces import (BLOCK_TOKENS, FIRST_TOKEN_ID, MIN_BLOCK_TOKENS, Session, detect_format, fit_tokens,
+                           read_sessions, scaled_tokens, tokens_per_block)
+
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+AIPERF = TRACES / "aiperf-agentic" / "dataset.jsonl"
+MOONCAKE = TRACES / "mooncake" / "conversation_trace.jsonl"
+VOCAB = 49152
+
+
+def sample(path: Path, sessions: int, turns: int) -> list[Session]:
+    return [Session(s.name, s.turns[:turns]) for s in read_sessions(path, clients=sessions)[:sessions]]
+
+
+def assert_prefix_chains(sessions: list[Session]) -> None:
+    for s in sessions:
+        for a, b in zip(s.turns, s.turns[1:]):
+            assert b.prompt_ids[: len(a.prompt_ids)] == a.prompt_ids, s.name
+
+
+@pytest.mark.parametrize("path, fmt", [
+    (TRACES / "claude-code", "claude-code"),
+    (TRACES / "swe-agent", "swe-agent"),
+    (next((TRACES / "swe-agent").glob("*.traj")), "swe-agent"),
+    (TRACES / "aiperf-agentic", "aiperf"),
+    (AIPERF, "aiperf"),
+    (TRACES / "mooncake", "mooncake"),
+    (TRACES / "mooncake" / "synthetic_trace.jsonl", "mooncake"),
+    (Path("/somewhere/else"), "claude-code"),
+])
+def test_format_is_detected_from_the_path(path, fmt):
+    assert detect_format(path) == fmt
+
+
+@pytest.mark.parametrize("path", [TRACES / "claude-code", TRACES / "swe-agent", AIPERF, MOONCAKE])
+def test_every_reader_yields_sessions_with_turns(path):
+    sessions = read_sessions(path, clients=4)
+    assert sessions and all(s.turns for s in sessions)
+    for t in (t for s in sessions for t in s.turns):
+        assert t.max_tokens > 0 and t.think_s >= 0
+        if t.blocks is None:  # a chat request stops before the answer it asks for
+            assert t.messages and t.messages[-1]["role"] != "assistant"
+            assert all(m["role"] in ("system", "user", "assistant") and m["content"] for m in t.messages)
+        else:
+            assert not t.messages and t.blocks and all(0 < n <= BLOCK_TOKENS for _, n in t.blocks)
+
+
+def test_swe_agent_turns_grow_by_appending():
+    for s in read_sessions(TRACES / "swe-agent"):
+        for a, b in zip(s.turns, s.turns[1:]):
+            assert b.messages[: len(a.messages)] == a.messages
+
+
+def test_mooncake_requests_are_dealt_round_robin():
+    lines = MOONCAKE.read_text().splitlines()
+    sessions = read_sessions(MOONCAKE, clients=5)
+    assert len(sessions) == 5 and sum(len(s.turns) for s in sessions) == len(lines)
+    assert [len(s.turns) for s in sessions] == [len(range(c, len(lines), 5)) for c in range(5)]
+
+
+def test_aiperf_prompts_are_exact_prefix_chains():
+    sessions = fit_tokens(sample(AIPERF, 6, 8), 8000, VOCAB)
+    assert len(sessions) == 6
+    assert_prefix_chains(sessions)
+    assert all(len(a.prompt_ids) < len(b.prompt_ids) for s in sessions for a, b in zip(s.turns, s.turns[1:]))
+    ids = np.concatenate([t.prompt_ids for s in sessions for t in s.turns])
+    assert ids.min() >= FIRST_TOKEN_ID and ids.max() < VOCAB
+
+
+@pytest.mark.parametrize("path", [AIPERF, MOONCAKE])
+def test_equal_hash_ids_give_equal_tokens_across_sessions(path):
+    raw = sample(path, 6, 6)
+    max_tokens = max(sum(n for _, n in t.blocks) for s in raw for t in s.turns) // 3  # scaled, nothing cut
+    per_block = tokens_per_block(raw, max_tokens)
+    sessions = fit_tokens(raw, max_tokens, VOCAB)
+    tokens_of: dict[object, list[int]] = {}  # the longest piece seen per key
+    sessions_of: dict[object, set[str]] = {}
+    for s in sessions:
+        for t in s.turns:
+            lengths = [scaled_tokens(n, per_block) for _, n in t.blocks]
+            assert sum(lengths) == len(t.prompt_ids)
+            start = 0
+            for (key, _), n in zip(t.blocks, lengths):
+                piece, seen = t.prompt_ids[start:start + n], tokens_of.get(key, [])
+                short, long = sorted((piece, seen), key=len)
+                assert long[: len(short)] == short, key  # a partial block is the start of the full one
+                tokens_of[key] = long
+                sessions_of.setdefault(key, set()).add(s.name)
+                start += n
+    assert any(len(names) > 1 for names in sessions_of.values())  # the sample does share blocks across sessions
+    firsts = {tuple(ids[:MIN_BLOCK_TOKENS]) for ids in tokens_of.values() if len(ids) >= MIN_BLOCK_TOKENS}
+    assert len(firsts) == sum(len(ids) >= MIN_BLOCK_TOKENS for ids in tokens_of.values())  # distinct keys differ
+
+
+def test_scaling_fits_max_context_and_keeps_prefixes():
+    raw = sample(AIPERF, 6, 8)
+    trace_lengths = [sum(n for _, n in t.blocks) for s in raw for t in s.turns]
+    assert tokens_per_block(raw, max(trace_lengths)) == BLOCK_TOKENS  # what fits is not scaled
+    unscaled = fit_tokens(raw, max(trace_lengths), VOCAB)
+    assert [len(t.prompt_ids) for s in unscaled for t in s.turns] == trace_lengths
+    per_block = tokens_per_block(raw, 8000)
+    assert MIN_BLOCK_TOKENS < per_block < BLOCK_TOKENS
+    # the largest scale that fits
+    assert max(sum(scaled_tokens(n, per_block + 1) for _, n in t.blocks) for s in raw for t in s.turns) > 8000
+    scaled = fit_tokens(raw, 8000, VOCAB)
+    lengths = [len(t.prompt_ids) for s in scaled for t in s.turns]
+    assert max(lengths) <= 8000 and lengths == [sum(scaled_tokens(n, per_block) for _, n in t.blocks)
+                                                for s in raw for t in s.turns]  # nothing cut
+    assert_prefix_chains(scaled)
+
+
+def test_prompts_too_long_at_the_smallest_scale_are_cut():
+    raw = sample(AIPERF, 6, 8)
+    assert tokens_per_block(raw, 2500) == MIN_BLOCK_TOKENS
+    with pytest.warns(UserWarning, match="cut to 2500 tokens"):
+        sessions = fit_tokens(raw, 2500, VOCAB)
+    lengths = [len(t.prompt_ids) for s in sessions for t in s.turns]
+    assert len(lengths) == sum(len(s.turns) for s in raw) and max(lengths) == 2500
+    assert_prefix_chains(sessions)
+
+
+def test_load_sessions_fits_each_format():
+    for path in (TRACES / "claude-code", TRACES / "swe-agent", AIPERF, MOONCAKE):
+        sessions = load_sessions(path, 3, 2000, 16, max_turns=4)
+        assert 0 < len(sessions) <= 3 and all(0 < len(s.turns) <= 4 for s in sessions)
+        for t in (t for s in sessions for t in s.turns):
+            if t.prompt_ids is not None:
+                assert len(t.prompt_ids) <= 2000 - 16
+            else:
+                assert sum(len(m["content"]) for m in t.messages) <= (2000 - 16 - 64) * 3
+
+
+def test_more_sessions_than_the_trace_are_distinct_agents():
+    sessions = load_sessions(TRACES / "swe-agent", 24, 2000, 16, max_turns=2)
+    copy = sessions[23]
+    assert copy.name.endswith("#23") and copy.turns[0].messages[0]["content"].startswith("[agent 23] ")
+
+
+def test_bound_on_an_aiperf_sample_is_high():
+    sessions = load_sessions(AIPERF, 8, 4096, 64, max_turns=8)
+    bound = Bound(32)
+    cached = sum(bound.observe(t) for s in sessions for t in s.turns)
+    assert cached / sum(len(t.prompt_ids) for s in sessions for t in s.turns) > 0.5
+
+
+def records(name: str, ttft: float) -> list[Record]:
+    return [Record(name, turn, sent_at=turn, prompt_tokens=1000, cached_tokens=min(1000, 300 * turn),
+                   completion_tokens=16, bound_tokens=min(1000, 320 * turn), ttft_s=ttft / (turn + 1),
+                   latency_s=ttft + 0.5) for turn in range(5) for _ in range(3)]
+
+
+def test_plots_write_png_files(tmp_path):
+    out = tmp_path / "run.json"
+    runs = {"no-cache": records("a", 2.0), "kvpool": records("b", 0.5)}
+    runs["kvpool"].append(Record("b", 5, 9.0, error="HTTP 500"))  # failed requests are left out of the curves
+    results = {name: summarize(recs, 10.0) for name, recs in runs.items()} | {"broken": {"error": "boom"}}
+    for path in (plot_turns(runs, out), plot_summaries(results, out)):
+        assert path.parent == tmp_path and path.name.startswith("run-") and path.suffix == ".png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
