@@ -8,8 +8,9 @@ Scheduler side (the engine-core process):
 - build_connector_meta: per step, which pool blocks to load into which engine blocks, and which blocks become full
   in this step and are missing from the pool (those are saved; a block already pooled is never sent again).
 
-Worker side (each model-runner process): start_load_kv copies pool blocks into the paged cache before the forward
-pass (in parallel reader threads); a missing or corrupt block is reported through
+Worker side (each model-runner process): start_load_kv reads pool blocks into the paged cache before the forward
+pass (in parallel reader threads; on CPU straight into the cache's memory, on GPU through pinned host memory); a
+missing or corrupt block is reported through
 get_block_ids_with_load_errors, and vLLM recomputes it and the rest of its chain.
 wait_for_save gathers the step's new full blocks (one copy, on GPU into pinned host memory) and a background thread
 writes them, so the engine's next step does not wait for the pool.
@@ -18,6 +19,7 @@ writes them, so the engine's next step does not wait for the pool.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,6 +82,7 @@ def layout_name(vllm_config: "VllmConfig", rank: int) -> str:
     """What the bytes of a block mean: blocks are only shared between engines with the same layout."""
     m, c, p = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     ident = f"{m.model}|{m.dtype}|{c.cache_dtype}|{c.block_size}|tp{p.tensor_parallel_size}|pp{p.pipeline_parallel_size}"
+    ident += "|format2"  # the block file format (pool_store): files of another format sit in other directories
     return f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}-rank{rank}"
 
 
@@ -186,35 +189,46 @@ class KVPoolConnector(KVConnectorBase_V1):
     def _block_nbytes(self) -> list[int]:
         return [t.numel() // t.shape[d] * t.element_size() for t, d in self._layers]
 
+    def _block_pieces(self, block_id: int) -> list[torch.Tensor]:
+        """One block's contiguous pieces in every layer, in the pool's byte order (the order wait_for_save
+        gathers them in): per layer, one piece per index of the dimensions before the block dimension."""
+        return [t[idx + (block_id,)] for t, d in self._layers for idx in itertools.product(*map(range, t.shape[:d]))]
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVPoolConnectorMetadata)
-        sizes = self._block_nbytes()
         for tr in meta.loads:
-
-            def write(i: int, data: memoryview) -> None:
-                if len(data) != sum(sizes):
-                    raise ValueError(f"pool block of {len(data)} bytes, expected {sum(sizes)}")
-                self._write_block(tr.block_ids[i], data, sizes)
-
-            try:
-                n = self.store.read_blocks(tr.keys, write)
-            except ValueError:
-                logger.exception("pool block does not fit this engine's KV layout")
-                n = 0
+            n = self._load(tr)
             if n < len(tr.block_ids):
                 # Those blocks are recomputed by the engine (kv_load_failure_policy=recompute).
                 self._load_errors.update(tr.block_ids[n:])
                 logger.warning("pool blocks missing or corrupt: recomputing %d of %d", len(tr.block_ids) - n,
                                len(tr.block_ids))
 
-    def _write_block(self, block_id: int, data: memoryview, sizes: list[int]) -> None:
-        raw = torch.frombuffer(data, dtype=torch.uint8)
+    def _load(self, tr: BlockTransfer) -> int:
+        """Read the blocks of `tr` into the KV cache; returns how many leading blocks arrived."""
+        if self._layers[0][0].device.type == "cpu":
+            # Straight from the file into the cache's own memory: no staging copy.
+            def pieces(i: int) -> list[memoryview]:
+                return [memoryview(p.reshape(-1).view(torch.uint8).numpy()) for p in self._block_pieces(tr.block_ids[i])]
+
+            return self.store.read_blocks_into(tr.keys, pieces)
+        # GPU: into pinned host memory, then one host-to-device copy per layer and block.
+        sizes = self._block_nbytes()
+        block_bytes = sum(sizes)
+        staging = torch.empty(len(tr.keys) * block_bytes, dtype=torch.uint8, pin_memory=True)
+        n = self.store.read_blocks_into(
+            tr.keys, lambda i: [memoryview(staging[i * block_bytes:(i + 1) * block_bytes].numpy())])
+        for i in range(n):
+            self._write_block(tr.block_ids[i], staging[i * block_bytes:(i + 1) * block_bytes], sizes)
+        torch.cuda.current_stream().synchronize()  # the copies have landed before staging is released
+        return n
+
+    def _write_block(self, block_id: int, raw: torch.Tensor, sizes: list[int]) -> None:
         off = 0
         for (t, d), n in zip(self._layers, sizes):
             dst = t.select(d, block_id)
-            src = raw[off:off + n].view(t.dtype).view(dst.shape)
-            dst.copy_(src, non_blocking=True)
+            dst.copy_(raw[off:off + n].view(t.dtype).view(dst.shape), non_blocking=True)
             off += n
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -2,10 +2,10 @@
 
 One file per block, named by the block's pool key (a blake2b chain hash of the tokens up to and including the block,
 so a key names a whole prefix, never just a block's own tokens). A file holds one Arrow record batch with the
-block's bytes (every layer of this engine rank) and, in the schema metadata, an xxh3-64 checksum that readers
-verify. Writers
-write to a temporary name and rename, so a reader never sees half a block; a missing, short or corrupt file reads
-as a miss, which the engine turns into recomputation.
+block's bytes (every layer of this engine rank) and, in the schema metadata, its key and an xxh3-64 checksum that
+readers verify. Writers write to a temporary name and rename, so a reader never sees half a block; a missing, short
+or corrupt file reads as a miss, which the engine turns into recomputation. Readers scatter a file's payload straight
+into the destination (one preadv; on CPU, the engine's KV cache), so a load moves the bytes once.
 
 Every engine process on the node reads and writes the same directories, so a block computed by one replica is
 loaded by another (migration on one node), and the files outlive the engines, the pool actor and the app
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +82,7 @@ class PoolStore:
         mix, each layout has its own subdirectory."""
         self.tiers = {"host": Path(host_dir) / layout, "disk": Path(disk_dir) / layout}
         self._readers: ThreadPoolExecutor | None = None
-        self._local = threading.local()
+        self._spans: dict[int, tuple[int, int]] = {}  # file size -> payload (offset, length)
         for d in self.tiers.values():
             d.mkdir(parents=True, exist_ok=True)
 
@@ -117,7 +116,8 @@ class PoolStore:
         buf = pa.py_buffer(data)
         arr = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, pa.array([0, buf.size],
                                                                                      pa.int64()).buffers()[1], buf])
-        schema = _SCHEMA.with_metadata({"xxh3": str(xxhash.xxh3_64_intdigest(buf)), "key": key})
+        # Fixed-width values, so every block file of a layout has the same header size (see _payload_span).
+        schema = _SCHEMA.with_metadata({"xxh3": f"{xxhash.xxh3_64_intdigest(buf):016x}", "key": key})
         tmp = target.with_name(f".{key}.{uuid.uuid4().hex}.tmp")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             writer.write_batch(pa.record_batch([arr], schema=schema))
@@ -157,53 +157,64 @@ class PoolStore:
         os.utime(tmp, (now, now))  # fetched for a request that is about to load it: in use
         os.replace(tmp, target)
 
-    def get(self, key: str, staging: bytearray | None = None) -> memoryview | None:
-        """The block's verified bytes, or None if missing, short or corrupt. A hit refreshes its LRU time.
+    def _payload_span(self, size: int, fd: int) -> tuple[int, int]:
+        """(offset, length) of the KV payload in a block file of `size` bytes. Files of one size share it (the
+        metadata has fixed-width values), so it is parsed from the first file of each size and remembered."""
+        span = self._spans.get(size)
+        if span is None:
+            raw = os.pread(fd, size, 0)
+            whole = pa.py_buffer(raw)
+            data = pa.ipc.open_file(whole).get_batch(0).column(0).buffers()[2]
+            span = self._spans[size] = (data.address - whole.address, data.size)
+        return span
 
-        The file is read with one read() into `staging` (reused across calls, so its pages are already mapped;
-        memory-mapping tmpfs files page by page was 8x slower here) and the Arrow batch is parsed in place: the
-        returned view points into `staging` and is valid until its next use."""
+    def read_into(self, key: str, dst: Sequence[memoryview]) -> bool:
+        """Read a block straight into `dst` (the destination's contiguous pieces, in order: on CPU the KV cache's
+        own memory), with one preadv and no staging copy, then verify its key and checksum. False if the block is
+        missing, of another size, or corrupt; `dst` then holds garbage, which the engine recomputes over."""
         path = self.find(key)
         if path is None:
-            return None
+            return False
         try:
-            size = path.stat().st_size
-            if staging is None or len(staging) < size:
-                staging = bytearray(size)
-            with open(path, "rb", buffering=0) as f:
-                n = f.readinto(memoryview(staging)[:size])
-            reader = pa.ipc.open_file(pa.py_buffer(memoryview(staging)[:n]))
-            data = reader.get_batch(0).column(0).buffers()[2]
-            if xxhash.xxh3_64_intdigest(data) != int(reader.schema.metadata[b"xxh3"]):
-                return None
-            os.utime(path)
-            return memoryview(data)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                offset, length = self._payload_span(os.fstat(fd).st_size, fd)
+                if length != sum(v.nbytes for v in dst):
+                    return False
+                header = bytearray(offset)
+                if os.preadv(fd, [header, *dst], 0) != offset + length:
+                    return False
+            finally:
+                os.close(fd)
+            meta = pa.ipc.read_schema(pa.py_buffer(memoryview(header)[8:])).metadata  # past the file magic
+            h = xxhash.xxh3_64()
+            for v in dst:
+                h.update(v)
+            if meta.get(b"key") != key.encode() or h.intdigest() != int(meta[b"xxh3"], 16):
+                return False
+            os.utime(path)  # a load is a use
+            return True
         except (OSError, pa.ArrowException, KeyError, ValueError, IndexError):
-            return None
+            return False
 
-    def read_blocks(self, keys: Sequence[str], on_block: Callable[[int, memoryview], None]) -> int:
-        """Read and verify `keys` in parallel, handing each block's bytes to on_block(i, data) in a reader thread
-        (file reads, hashing and numpy/torch copies release the GIL, so this scales with cores). Returns how many
-        leading blocks were read; the rest are missing or corrupt."""
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kvpool-read")
-        ok = list(self._readers.map(lambda ik: self._read_one(*ik, on_block), enumerate(keys)))
-        return ok.index(False) if False in ok else len(ok)
-
-    def _read_one(self, i: int, key: str, on_block: Callable[[int, memoryview], None]) -> bool:
+    def get(self, key: str) -> bytes | None:
+        """A block's verified bytes (tools and tests; engines use read_blocks_into)."""
         path = self.find(key)
         try:
-            size = path.stat().st_size if path else 0
-        except FileNotFoundError:
-            return False
-        staging = getattr(self._local, "staging", None)
-        if staging is None or len(staging) < size:
-            staging = self._local.staging = bytearray(size + (64 << 10))  # one per reader thread, reused
-        data = self.get(key, staging)
-        if data is None:
-            return False
-        on_block(i, data)
-        return True
+            with open(path, "rb") as f:  # type: ignore[arg-type]
+                length = self._payload_span(os.fstat(f.fileno()).st_size, f.fileno())[1]
+        except (TypeError, OSError, pa.ArrowException):
+            return None
+        buf = bytearray(length)
+        return bytes(buf) if self.read_into(key, [memoryview(buf)]) else None
+
+    def read_blocks_into(self, keys: Sequence[str], dst: Callable[[int], Sequence[memoryview]]) -> int:
+        """Read `keys` in parallel reader threads, block i into dst(i) (file reads and hashing release the GIL).
+        Returns how many leading blocks were read; the rest are missing or corrupt."""
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="kvpool-read")
+        ok = list(self._readers.map(lambda ik: self.read_into(ik[1], dst(ik[0])), enumerate(keys)))
+        return ok.index(False) if False in ok else len(ok)
 
     # --- for the pool actor: listing, demotion, eviction ---------------------------------------------------------
 

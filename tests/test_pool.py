@@ -209,6 +209,19 @@ def test_store_round_trip_and_keys(tmp_path):
     store.put("ab" * 16, b"\x01\x02\x03\x04" * 100)
     assert bytes(store.get("ab" * 16)) == b"\x01\x02\x03\x04" * 100
     assert store.get("cd" * 16) is None
+    # Scattered into pieces (as into a KV cache's layers), in order.
+    payload = bytes(range(256)) * 4
+    store.put("ef" * 16, payload)
+    pieces = [bytearray(100), bytearray(900), bytearray(24)]
+    assert store.read_into("ef" * 16, [memoryview(p) for p in pieces]) and b"".join(pieces) == payload
+    assert not store.read_into("ef" * 16, [memoryview(bytearray(1000))])  # another layout's size
+    path = store.find("ef" * 16)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    path.write_bytes(bytes(raw))
+    assert store.get("ef" * 16) is None  # corrupt
+    path.write_bytes(bytes(raw[: len(raw) // 2]))
+    assert store.get("ef" * 16) is None  # short
     k1, k2 = pool_keys(list(range(64)), 32), pool_keys(list(range(64)), 32, b"tenant")
     assert len(k1) == 2 and k1[0] != k2[0]
     assert pool_keys(list(range(64)) + [1], 32) == k1
