@@ -94,8 +94,9 @@ class RouterActor:
         self._sub.setsockopt(zmq.RCVHWM, 0)
         # Engines connect to us (their endpoint has no '*'), so one fixed port serves every replica and a restarted
         # router is found again by the engines' automatic reconnects.
+        # Bound to the node's cluster address only, not every interface: only cluster peers publish events.
         self._endpoint = f"tcp://{ray.util.get_node_ip_address()}:{cfg.router_port}"
-        self._sub.bind(f"tcp://*:{cfg.router_port}")
+        self._sub.bind(self._endpoint)
         self._consumer: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self.actors: dict[str, ray.actor.ActorHandle] = {}  # replica -> its Serve replica actor

@@ -1,10 +1,12 @@
 """The HTTP ingress: OpenAI API in, tokenize once, hand token ids to an engine replica, stream out.
 
-This file is the request path. Read it top to bottom: `chat_completions` / `completions` parse and tokenize,
-`_generate` checks limits, builds sampling parameters and asks the router actor for the replica that will compute
-least (`_route`), sends the token ids to that replica through the engine deployment's Serve handle (the plug-in in
-app/request_router.py honours the choice), and `_collect` / `_stream` turn the engine's chunks into an OpenAI
-response or an SSE stream while `_tracked` reports the request's progress back to the router.
+This file is the request path. Read it top to bottom: `chat_completions` / `completions` authenticate, parse and
+tokenize; `_generate` checks limits and builds sampling parameters; `_dispatch` asks the router actor for the
+replica that will compute least (`_route`), has that replica's node fetch pool blocks it lacks (`_fetch`), and sends
+the token ids to the replica through the engine deployment's Serve handle (the plug-in in app/request_router.py
+honours the choice); `_collect` / `_stream` turn the engine's chunks into an OpenAI response or an SSE stream while
+`_tracked` reports the request's progress back to the router. A replica lost before the answer reached the client
+means a retry elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,6 +39,14 @@ from kvpool.model import resolve_model
 from kvpool.prompt import PromptError, PromptRenderer
 
 logger = logging.getLogger("ray.serve")
+
+# The replica (its actor) died or became unreachable: the request may be retried on another.
+_REPLICA_LOST = (RayActorError, ActorUnavailableError)
+
+
+class _ReplicaLost(Exception):
+    pass
+
 
 api = FastAPI(title="KV-Pool", description="OpenAI-compatible API over a prefix-aware KV pool")
 
@@ -169,7 +180,25 @@ class OpenAIIngress:
             params = SamplingParams(**req.sampling_kwargs(max_tokens))
         except (ValueError, TypeError) as e:
             raise oa.OpenAIError(400, f"invalid sampling parameters: {e}") from None
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        # A replica that dies before a request's answer has reached the client costs a retry on another replica,
+        # not an error: a stream, once its first chunk is out, ends with an error event instead.
+        for attempt in range(1 + self.cfg.engine_retries):
+            rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+            try:
+                chunks, headers = await self._dispatch(rid, ids, params, tenant)
+                if req.stream:
+                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                    return StreamingResponse(self._stream(chunks, rid, kind, len(ids), include_usage),
+                                             media_type="text/event-stream", headers=headers)
+                return JSONResponse(await self._collect(chunks, rid, kind, len(ids)), headers=headers)
+            except _ReplicaLost as e:
+                logger.warning("request %s lost its replica (%s): attempt %d", rid, e, attempt + 1)
+        raise oa.OpenAIError(503, "engine replicas failed while serving this request", type="server_error",
+                             headers={"Retry-After": str(self.cfg.retry_after_s)})
+
+    async def _dispatch(self, rid: str, ids: list[int], params, tenant: str | None):
+        """Route, fetch pool blocks the chosen node lacks, send to the replica; returns its chunks once the first
+        is in, and the response headers that tell where the request went."""
         self._keep_shards()
         decision, keys = await self._route(rid, ids, tenant)
         if decision and decision.fetch:
@@ -182,11 +211,7 @@ class OpenAIIngress:
         if decision:
             headers["x-kvpool-replica"] = decision.replica
             headers["x-kvpool-predicted-cached-tokens"] = str(decision.predicted_cached_tokens)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(chunks, rid, kind, len(ids), include_usage),
-                                     media_type="text/event-stream", headers=headers)
-        return JSONResponse(await self._collect(chunks, rid, kind, len(ids)), headers=headers)
+        return chunks, headers
 
     async def _route(self, rid: str, ids: list[int], tenant: str | None) -> tuple[Decision | None, list[str] | None]:
         """Ask the router for the cheapest replica; None (Serve's fallback rule) if it is off, down or slow.
@@ -227,6 +252,9 @@ class OpenAIIngress:
             first = await chunks.__anext__()
         except StopAsyncIteration:
             first = None
+        except _REPLICA_LOST as e:
+            await chunks.aclose()
+            raise _ReplicaLost(type(e).__name__) from None
         except BackPressureError:
             await chunks.aclose()
             raise oa.OpenAIError(429, "the server is at capacity; retry after the time in Retry-After",
@@ -269,6 +297,8 @@ class OpenAIIngress:
                 n_out += c.num_new_tokens
                 cached = max(cached, c.num_cached_tokens)
                 finish = c.finish_reason or finish
+        except _REPLICA_LOST as e:  # nothing has reached the client yet: the whole request can be retried
+            raise _ReplicaLost(type(e).__name__) from None
         except Exception as e:
             logger.exception("request %s failed in the engine", rid)
             raise oa.OpenAIError(503, f"engine failed: {type(e).__name__}", type="server_error") from None

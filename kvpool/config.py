@@ -94,6 +94,10 @@ class KVPoolConfig(BaseModel):
         256, ge=1, description="Requests waiting for a free engine slot, over all replicas; past it the API answers "
         "429 with Retry-After.",
     )
+    engine_retries: int = Field(
+        1, ge=0, description="Times a request is sent again, to another replica, when its replica dies before any "
+        "of its answer reached the client.",
+    )
     retry_after_s: int = Field(2, ge=1, description="The Retry-After a client gets with a 429.")
     max_tokens_default: int = Field(
         1024, ge=1, description="Completion cap when a request sets no max_tokens (still bounded by the context)."
