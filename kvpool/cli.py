@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     transfer.add_argument("--head-dim", type=int, default=64)
     transfer.add_argument("--dtype-bytes", type=int, default=4, help="4: float32, the CPU default")
     transfer.add_argument("--dir", default="/dev/shm", help="where the host tier lives (a tmpfs)")
+    transfer.add_argument("--repeats", type=int, default=5, help="rounds per batch size; the median is reported")
 
     default_trace = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "claude-code"
     def replay_args(p: argparse.ArgumentParser) -> None:
@@ -62,17 +63,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="for the cache bound and the token-id prompts' vocabulary; default: the embedded model")
     replay.add_argument("--block-size", type=int, default=32)
 
+    def deploy_args(p: argparse.ArgumentParser) -> None:
+        """For the benchmarks that start the apps themselves, on a local Ray cluster."""
+        p.add_argument("--model", default="", help="HF directory; default: the embedded SmolLM2")
+        p.add_argument("--replicas", type=int, default=2)
+        p.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV memory per replica")
+        p.add_argument("--max-model-len", type=int, default=8192)
+        p.add_argument("--router-port", type=int, default=5601)
+        p.add_argument("--http-port", type=int, default=8000)
+        p.add_argument("--json", action="store_true", help="no progress bar; print the result as one JSON line last")
+
+    soak = bench.add_parser("soak", help="KV-Pool under steady agent load for --duration, memory sampled")
+    replay_args(soak)
+    deploy_args(soak)
+    soak.add_argument("--window", type=float, default=300, help="seconds per stability window")
+
     compare = sub.add_parser("compare", help="replay against no-cache, Ray Serve LLM (2 routers), KV-Pool")
     replay_args(compare)
-    compare.add_argument("--model", default="", help="HF directory; default: the embedded SmolLM2")
-    compare.add_argument("--replicas", type=int, default=2)
-    compare.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV memory per replica")
-    compare.add_argument("--max-model-len", type=int, default=8192)
-    compare.add_argument("--router-port", type=int, default=5601)
-    compare.add_argument("--http-port", type=int, default=8000)
+    deploy_args(compare)
     compare.add_argument("--configs", nargs="*", choices=CONFIGS, help="a subset, in this order")
     compare.add_argument("--smoke", action="store_true", help="4 sessions, 3 turns, short contexts: for CI")
-    compare.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 
     args = parser.parse_args(argv)
     if args.cmd == "compare":
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         from kvpool.bench.router import run
     elif args.bench == "replay":
         from kvpool.bench.replay import run
+    elif args.bench == "soak":
+        from kvpool.bench.soak import run
     else:
         from kvpool.bench.transfer import run
     print(json.dumps(run(args)))

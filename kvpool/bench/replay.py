@@ -130,7 +130,10 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, max
 
 
 async def replay(url: str, sessions: list[Session], duration_s: float, max_turns: int, think_scale: float,
-                 max_output: int, bound: Bound, progress: bool = True) -> tuple[list[Record], float]:
+                 max_output: int, bound: Bound, progress: bool = True,
+                 concurrency: int = 0) -> tuple[list[Record], float]:
+    """`concurrency`: sessions run at most this many at once, the next starting when one ends (0: all at once)."""
+    slots = asyncio.Semaphore(concurrency or len(sessions))
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800, connect=10)) as client:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
         records: list[Record] = []
@@ -138,6 +141,10 @@ async def replay(url: str, sessions: list[Session], duration_s: float, max_turns
         deadline = start + duration_s
 
         async def run_session(s: Session) -> None:
+            async with slots:
+                await run_turns(s)
+
+        async def run_turns(s: Session) -> None:
             for i, turn in enumerate(s.turns[:max_turns] if max_turns else s.turns):
                 await asyncio.sleep(min(turn.think_s * think_scale, 30.0))
                 if time.perf_counter() >= deadline:

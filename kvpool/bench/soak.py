@@ -1,0 +1,92 @@
+"""`kvpool bench soak`: KV-Pool complete under a steady agent load for a long time, with the machine's memory sampled.
+
+Deploys the app as `kvpool compare` does (same model and memory settings), then keeps `--sessions` agent sessions
+running for `--duration` seconds: when one ends, a fresh one (another agent, sharing nothing) starts. Reports errors,
+hit rate and TTFT per time window (stability) and memory used on the machine (growth), as one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+async def _sample_memory(samples: list[tuple[float, int]], period_s: float) -> None:
+    import psutil
+
+    t0 = time.perf_counter()
+    while True:
+        samples.append((time.perf_counter() - t0, psutil.virtual_memory().used))
+        await asyncio.sleep(period_s)
+
+
+def windows(records, wall_s: float, window_s: float) -> list[dict]:
+    out = []
+    for w0 in np.arange(0, wall_s, window_s):
+        recs = [r for r in records if w0 <= r.sent_at < w0 + window_s]
+        ok = [r for r in recs if r.error is None and r.latency_s is not None]
+        prompt = sum(r.prompt_tokens for r in ok)
+        out.append({"from_s": int(w0), "requests": len(ok), "errors": len(recs) - len(ok),
+                    "hit_rate": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None,
+                    "ttft_p50_s": round(float(np.median([r.ttft_s for r in ok])), 3) if ok else None})
+    return out
+
+
+def run(args) -> dict:
+    import httpx
+    import ray
+    from ray import serve
+
+    from kvpool.bench.compare import _deploy, _wait_ready
+    from kvpool.bench.replay import Bound, load_sessions, replay, summarize
+    from kvpool.model import resolve_model
+    from kvpool.prompt import PromptRenderer
+
+    model_path = resolve_model(args.model)
+    renderer = PromptRenderer.from_pretrained(model_path)
+    # Enough sessions never to run out: copies beyond the trace's own are other agents, sharing nothing.
+    sessions = load_sessions(Path(args.trace), args.sessions * 100, args.max_context, args.max_output, args.turns,
+                             args.trace_format, vocab_size=len(renderer.tokenizer))
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
+    samples: list[tuple[float, int]] = []
+    pool_root = tempfile.mkdtemp(prefix="kvpool-soak-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    try:
+        url = _deploy("kvpool", args, model_path, pool_root)
+        _wait_ready(url)
+
+        async def soak():
+            sampler = asyncio.create_task(_sample_memory(samples, 10))
+            try:
+                return await replay(url, sessions, args.duration, args.turns, args.think_scale, args.max_output,
+                                    Bound(32, renderer), progress=not args.json, concurrency=args.sessions)
+            finally:
+                sampler.cancel()
+
+        records, wall = asyncio.run(soak())
+        pool = httpx.get(f"{url}/v1/kvpool/stats", timeout=30).json()["pool"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(pool_root, ignore_errors=True)
+    mem = np.array([m for _, m in samples], dtype=np.float64) / 2**20
+    settled = mem[len(mem) // 6:] if len(mem) > 6 else mem  # after start-up and the first sessions' growth
+    hours = (samples[-1][0] - samples[len(mem) // 6][0]) / 3600 if len(samples) > 6 else 0
+    result = {"bench": "soak", "sessions_at_once": args.sessions, "duration_s": args.duration,
+              "kv_cache_bytes_per_replica": args.kv_cache_bytes, **summarize(records, wall),
+              "memory_used_mib": {"start": round(mem[0]), "after_first_sixth": round(settled[0]),
+                                  "end": round(mem[-1]), "max": round(mem.max()),
+                                  "growth_mib_per_hour_after_first_sixth":
+                                      round((settled[-1] - settled[0]) / hours, 1) if hours else None},
+              "pool_bytes": {node: {"host": p.get("host_bytes"), "disk": p.get("disk_bytes")}
+                             for node, p in (pool or {}).items()},
+              "windows": windows(records, wall, args.window)}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
