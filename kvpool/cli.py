@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--http-port", type=int, default=8000)
         p.add_argument("--json", action="store_true", help="no progress bar; print the result as one JSON line last")
 
+    overload = bench.add_parser("overload", help="more requests at once than the server admits, memory sampled")
+    overload.add_argument("--url", default="http://127.0.0.1:8000")
+    overload.add_argument("--requests", type=int, default=1000)
+    overload.add_argument("--concurrency", type=int, default=500, help="connections at once")
+    overload.add_argument("--max-tokens", type=int, default=16)
+    overload.add_argument("--timeout", type=float, default=600, help="seconds, per request")
+
     soak = bench.add_parser("soak", help="KV-Pool under steady agent load for --duration, memory sampled")
     replay_args(soak)
     deploy_args(soak)
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         from kvpool.bench.replay import run
     elif args.bench == "soak":
         from kvpool.bench.soak import run
+    elif args.bench == "overload":
+        from kvpool.bench.overload import run
     else:
         from kvpool.bench.transfer import run
     print(json.dumps(run(args)))

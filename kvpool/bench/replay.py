@@ -142,7 +142,8 @@ async def replay(url: str, sessions: list[Session], duration_s: float, max_turns
 
         async def run_session(s: Session) -> None:
             async with slots:
-                await run_turns(s)
+                if time.perf_counter() < deadline:  # sessions still waiting for a slot at the end never start
+                    await run_turns(s)
 
         async def run_turns(s: Session) -> None:
             for i, turn in enumerate(s.turns[:max_turns] if max_turns else s.turns):
