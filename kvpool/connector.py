@@ -105,6 +105,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         # worker side
         self._layers: list[tuple[torch.Tensor, int]] = []  # (kv cache tensor, its block dimension)
         self._load_errors: set[int] = set()
+        self._views: dict[int, list[memoryview]] = {}  # block id -> its pieces' bytes (CPU)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-save")
 
     # ================================ scheduler side ================================================================
@@ -194,6 +195,14 @@ class KVPoolConnector(KVConnectorBase_V1):
         gathers them in): per layer, one piece per index of the dimensions before the block dimension."""
         return [t[idx + (block_id,)] for t, d in self._layers for idx in itertools.product(*map(range, t.shape[:d]))]
 
+    def _cpu_block_views(self, block_id: int) -> list[memoryview]:
+        """Byte views of a block's pieces in the CPU KV cache, made once per block (loads are a hot path)."""
+        views = self._views.get(block_id)
+        if views is None:
+            views = self._views[block_id] = [memoryview(p.reshape(-1).view(torch.uint8).numpy())
+                                             for p in self._block_pieces(block_id)]
+        return views
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVPoolConnectorMetadata)
@@ -209,10 +218,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         """Read the blocks of `tr` into the KV cache; returns how many leading blocks arrived."""
         if self._layers[0][0].device.type == "cpu":
             # Straight from the file into the cache's own memory: no staging copy.
-            def pieces(i: int) -> list[memoryview]:
-                return [memoryview(p.reshape(-1).view(torch.uint8).numpy()) for p in self._block_pieces(tr.block_ids[i])]
-
-            return self.store.read_blocks_into(tr.keys, pieces)
+            return self.store.read_blocks_into(tr.keys, lambda i: self._cpu_block_views(tr.block_ids[i]))
         # GPU: into pinned host memory, then one host-to-device copy per layer and block.
         sizes = self._block_nbytes()
         block_bytes = sum(sizes)

@@ -42,13 +42,13 @@ def ray_cluster():
     ray.shutdown()
 
 
-def wait_ready(url: str, model: str, timeout: float = 240) -> None:
+def wait_ready(url: str, model: str, timeout: float = 240, headers: dict[str, str] | None = None) -> None:
     """Until a real completion succeeds (the ingress answers /health before the engines are up)."""
     deadline = time.time() + timeout
     body = {"model": model, "prompt": "hi", "max_tokens": 1}
     while time.time() < deadline:
         try:
-            if httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200:
+            if httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -6,7 +6,7 @@ import asyncio
 import httpx
 import pytest
 
-from conftest import TEST_BLOCK
+from conftest import TEST_BLOCK, wait_ready
 
 KEYS = {"a": "key-tenant-a", "b": "key-tenant-b"}
 
@@ -26,25 +26,9 @@ def guarded_app(ray_cluster, tiny_model_dir, tmp_path_factory):
                        pool_disk_dir=str(tmp_path_factory.mktemp("g-disk")))
     serve.run(build_app(cfg), name="guarded", route_prefix="/guarded", blocking=False)
     url = "http://127.0.0.1:8000/guarded"
-    _wait_ready_with_key(url)
+    wait_ready(url, "tiny", headers=auth("a"))
     yield url
     serve.delete("guarded")
-
-
-def _wait_ready_with_key(url: str) -> None:
-    import time
-
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            r = httpx.post(f"{url}/v1/completions", headers=auth("a"), timeout=30,
-                           json={"model": "tiny", "prompt": "hi", "max_tokens": 1})
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("guarded app not ready")
 
 
 def auth(tenant: str) -> dict[str, str]:
