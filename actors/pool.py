@@ -98,11 +98,10 @@ class PoolShard:
             if size <= budget:
                 break
             size -= f.size
-            if tier == "host" and self.cfg.pool_disk_bytes > 0:
-                store_of[id(f)].demote(f)
+            if tier == "host" and self.cfg.pool_disk_bytes > 0 and store_of[id(f)].demote(f):
                 f.tier = "disk"  # counted against the disk budget in the same pass
                 self.counts["demoted"] += 1
-            else:
+            else:  # no disk tier, or it cannot take the block (full): the host tier must shrink all the same
                 PoolStore.delete([f])
                 f.tier = "gone"
                 self.counts["evicted"] += 1

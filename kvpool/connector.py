@@ -14,13 +14,28 @@ missing or corrupt block is reported through
 get_block_ids_with_load_errors, and vLLM recomputes it and the rest of its chain.
 wait_for_save gathers the step's new full blocks (one copy, on GPU into pinned host memory) and a background thread
 writes them, so the engine's next step does not wait for the pool.
+
+What keeps pooled KV correct (each has a test in tests/test_pool_correctness.py):
+- Preemption: a preempted request loses its blocks; when it is scheduled again vLLM asks for its pool hit again
+  and it is planned again (a resumed request comes back among the cached requests, not the new ones).
+- A failed load (a block evicted or corrupt between the check and the load): the step's forward pass computed on
+  whatever the failed blocks held, so that step saves nothing, on any rank (the ranks agree on it: with tensor
+  parallelism every rank's activations depend on every rank's KV). The scheduler side then plans those saves again
+  from where the request is recomputed, and takes the failed tokens out of the request's cached-token count.
+- Several ranks: each rank pools its own part of a block; the scheduler counts a block as pooled only where every
+  rank holds it (EngineStores), and keeps every rank's copy in use.
+- Identity: a pooled block is only ever read by an engine whose model weights, vLLM version, device, attention
+  backend and KV geometry are those that wrote it (layout_name); the CPU loads write into the cache's own memory.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,7 +47,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvpool.pool_store import PoolStore, pool_keys, request_namespace
+from kvpool.pool_store import EngineStores, PoolStore, pool_keys, request_namespace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -40,6 +55,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -71,6 +87,7 @@ class KVPoolConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class _RequestState:
+    request: "Request"  # vLLM's own: its cached-token count is corrected after a failed load
     keys: list[str]  # pool keys of the prompt's full blocks
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0  # blocks before this index are handled (saved, or known to be pooled)
@@ -78,12 +95,88 @@ class _RequestState:
     load_n: int = 0
 
 
-def layout_name(vllm_config: "VllmConfig", rank: int) -> str:
-    """What the bytes of a block mean: blocks are only shared between engines with the same layout."""
+@dataclass
+class _StepPlan:
+    """What one step's metadata asked of a request, kept until the step's output says whether its loads worked."""
+    load_from: int = 0
+    load_block_ids: list[int] = field(default_factory=list)
+    save_from: int | None = None  # the first block index whose save this step planned
+
+
+# Block files of another format sit in other directories (pool_store's file layout).
+POOL_FORMAT = 2
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@functools.lru_cache(maxsize=8)
+def model_fingerprint(model: str, revision: str | None) -> str:
+    """The identity of a model's weights: for a local directory (or a hub model already in the local cache), its
+    config and, per weight file, name, size and the bytes of its first and last MiB, so that new weights at the
+    same path (a fine-tune, an update) never read the old weights' KV; otherwise the hub id and revision."""
+    path = model
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(model, revision=revision, local_files_only=True)
+        except Exception:
+            return f"{model}@{revision}"
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name == "config.json":
+            with open(full, "rb") as f:
+                h.update(f.read())
+        elif name.endswith(_WEIGHT_SUFFIXES):
+            size = os.path.getsize(full)
+            h.update(f"{name}:{size}".encode())
+            with open(full, "rb") as f:
+                h.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def pool_identity(vllm_config: "VllmConfig") -> dict[str, Any]:
+    """Everything that decides what the bytes of a pooled block mean. Two engines share blocks only where all of it
+    is equal; a pool kept on disk across a model update or a vLLM upgrade is then simply not found."""
+    import vllm
+    from vllm.platforms import current_platform
+
     m, c, p = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
-    ident = f"{m.model}|{m.dtype}|{c.cache_dtype}|{c.block_size}|tp{p.tensor_parallel_size}|pp{p.pipeline_parallel_size}"
-    ident += "|format2"  # the block file format (pool_store): files of another format sit in other directories
+    try:
+        device = current_platform.get_device_name()
+    except Exception:  # platforms without a device name (CPU): the kind is the platform's
+        device = ""
+    return {
+        "model": model_fingerprint(m.model, m.revision), "dtype": str(m.dtype), "kv_cache_dtype": str(c.cache_dtype),
+        "block_size": c.block_size, "kv_heads": m.get_num_kv_heads(p), "head_size": m.get_head_size(),
+        "tp": p.tensor_parallel_size, "pp": p.pipeline_parallel_size,
+        "vllm": vllm.__version__, "device": f"{current_platform.device_type}:{device}",
+        # The backend decides the KV cache's memory layout; auto-selection follows from the fields above.
+        "attention_backend": str(vllm_config.attention_config.backend or os.environ.get("VLLM_ATTENTION_BACKEND")),
+        "format": POOL_FORMAT,
+    }
+
+
+def layout_name(vllm_config: "VllmConfig", rank: int) -> str:
+    """The pool directory of one engine rank's blocks: a digest of pool_identity, and the rank."""
+    ident = json.dumps(pool_identity(vllm_config), sort_keys=True)
     return f"{hashlib.sha1(ident.encode()).hexdigest()[:16]}-rank{rank}"
+
+
+def contiguous_pieces(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t`'s elements in logical order, as views that are each contiguous in memory (never copies)."""
+    if t.is_contiguous():
+        return [t]
+    return [p for i in range(t.shape[0]) for p in contiguous_pieces(t[i])]
+
+
+def byte_view(piece: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, aliasing its memory: a load through it lands in the tensor itself."""
+    arr = piece.view(-1).view(torch.uint8).numpy()
+    assert arr.__array_interface__["data"][0] == piece.data_ptr(), "a KV byte view must alias the cache"
+    return memoryview(arr)
 
 
 class KVPoolConnector(KVConnectorBase_V1):
@@ -91,22 +184,27 @@ class KVPoolConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.block_size = vllm_config.cache_config.block_size
-        rank = 0
-        if role == KVConnectorRole.WORKER:
+        p = vllm_config.parallel_config
+        self.world_size = p.tensor_parallel_size * p.pipeline_parallel_size
+        self.num_blocks = kv_cache_config.num_blocks
+        if role == KVConnectorRole.SCHEDULER:
+            self.stores = EngineStores(extra["host_dir"], extra["disk_dir"],
+                                       [layout_name(vllm_config, r) for r in range(self.world_size)])
+            self._reqs: dict[str, _RequestState] = {}
+            # Plans of the steps whose output has not come back yet (vLLM reports a step's output only when it has
+            # something to say: a failed load always does).
+            self._step: dict[str, _StepPlan] = {}
+            self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-touch")
+        else:
             from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
-            rank = get_pp_group().rank_in_group * vllm_config.parallel_config.tensor_parallel_size \
-                + get_tensor_model_parallel_rank()
-        self.store = PoolStore(extra["host_dir"], extra["disk_dir"], layout_name(vllm_config, rank))
-        self.num_blocks = kv_cache_config.num_blocks
-        # scheduler side
-        self._reqs: dict[str, _RequestState] = {}
-        self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-touch")
-        # worker side
-        self._layers: list[tuple[torch.Tensor, int]] = []  # (kv cache tensor, its block dimension)
-        self._load_errors: set[int] = set()
-        self._views: dict[int, list[memoryview]] = {}  # block id -> its pieces' bytes (CPU)
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-save")
+            rank = get_pp_group().rank_in_group * p.tensor_parallel_size + get_tensor_model_parallel_rank()
+            self.store = PoolStore(extra["host_dir"], extra["disk_dir"], layout_name(vllm_config, rank))
+            self._layers: list[tuple[torch.Tensor, int]] = []  # (kv cache tensor, its block dimension)
+            self._load_errors: set[int] = set()
+            self._step_load_failed = False  # on any rank, in this step
+            self._views: dict[int, list[memoryview]] = {}  # block id -> its pieces' bytes (CPU)
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-save")
 
     # ================================ scheduler side ================================================================
 
@@ -116,18 +214,19 @@ class KVPoolConnector(KVConnectorBase_V1):
             namespace = request_namespace(getattr(request, "cache_salt", None),
                                           getattr(getattr(request, "lora_request", None), "lora_name", None))
             st = self._reqs[request.request_id] = _RequestState(
-                pool_keys(request.prompt_token_ids or [], self.block_size, namespace))
+                request, pool_keys(request.prompt_token_ids or [], self.block_size, namespace))
             # The session is live: keep its pooled prefix ahead of idle ones, even where this engine's own cache
             # serves it (then nothing is loaded, so nothing else would tell the pool).
-            self._toucher.submit(self.store.touch, st.keys)
+            self._toucher.submit(self.stores.touch, st.keys)
         return st
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        # Asked when a request is first scheduled, and again when it resumes after a preemption.
         st = self._state(request)
         first = num_computed_tokens // self.block_size
         # The engine must compute at least the prompt's last token: never claim the whole prompt.
         usable = (len(request.prompt_token_ids or []) - 1) // self.block_size
-        hits = self.store.leading_hits(st.keys[first:usable]) if first < usable else 0
+        hits = self.stores.leading_hits(st.keys[first:usable]) if first < usable else 0
         st.load_from, st.load_n = first, hits
         return hits * self.block_size, False
 
@@ -138,43 +237,74 @@ class KVPoolConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVPoolConnectorMetadata()
-        for new in scheduler_output.scheduled_new_reqs:
-            st = self._reqs.get(new.req_id)
-            if st is None:
-                continue
-            st.block_ids = list(new.block_ids[0])
-            if st.load_n:
-                span = slice(st.load_from, st.load_from + st.load_n)
-                meta.loads.append(BlockTransfer(st.block_ids[span], st.keys[span]))
-                st.load_n = 0
-            self._plan_save(meta, st, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
+        for new in scheduler_output.scheduled_new_reqs:  # (with vLLM's model runner V2, resumed ones too)
+            if new.req_id in self._reqs:
+                done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
+                self._plan(meta, new.req_id, list(new.block_ids[0]), done)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
             if st is None:
                 continue
             new_ids = cached.new_block_ids[i]
-            if new_ids is not None:
-                if req_id in cached.resumed_req_ids:
-                    st.block_ids = list(new_ids[0])  # after preemption: the full list
-                else:
-                    st.block_ids.extend(new_ids[0])
+            if new_ids is None:
+                block_ids = st.block_ids
+            elif req_id in cached.resumed_req_ids:
+                block_ids = list(new_ids[0])  # after a preemption: all of its blocks, newly allocated
+            else:
+                block_ids = st.block_ids + list(new_ids[0])
             done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            self._plan_save(meta, st, done)
+            self._plan(meta, req_id, block_ids, done)
         return meta
 
-    def _plan_save(self, meta: KVPoolConnectorMetadata, st: _RequestState, computed_after_step: int) -> None:
-        """Save the prompt blocks that are full after this step and missing from the pool."""
-        upto = min(computed_after_step // self.block_size, len(st.keys), len(st.block_ids))
+    def _plan(self, meta: KVPoolConnectorMetadata, req_id: str, block_ids: list[int], computed_after_step: int):
+        """A scheduled request's transfers in this step: its pending pool load, then the prompt blocks that are full
+        after the step and missing from the pool."""
+        st = self._reqs[req_id]
+        st.block_ids = block_ids
+        plan = self._step.setdefault(req_id, _StepPlan())
+        if st.load_n:
+            span = slice(st.load_from, st.load_from + st.load_n)
+            meta.loads.append(BlockTransfer(block_ids[span], st.keys[span]))
+            plan.load_from, plan.load_block_ids = st.load_from, block_ids[span]
+            st.load_n = 0
+        upto = min(computed_after_step // self.block_size, len(st.keys), len(block_ids))
         if upto <= st.saved_upto:
             return
-        idx = [i for i in range(st.saved_upto, upto) if not self.store.contains(st.keys[i])]
+        idx = [i for i in range(st.saved_upto, upto) if not self.stores.contains(st.keys[i])]
+        if plan.save_from is None:
+            plan.save_from = st.saved_upto
         st.saved_upto = upto
         if idx:
-            meta.saves.append(BlockTransfer([st.block_ids[i] for i in idx], [st.keys[i] for i in idx]))
+            meta.saves.append(BlockTransfer([block_ids[i] for i in idx], [st.keys[i] for i in idx]))
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        """After each step: if a load failed, no rank saved anything in that step (see wait_for_save), so every
+        request of the step plans its saves again from where they began, or from where the request is recomputed;
+        and the failed tokens are no cache hit (vLLM counted them when it scheduled the load)."""
+        step, self._step = self._step, {}
+        failed = connector_output.invalid_block_ids
+        if not failed:
+            return
+        for req_id, plan in step.items():
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            lost = [i for i, b in enumerate(plan.load_block_ids) if b in failed]
+            if lost:
+                st.saved_upto = min(st.saved_upto, plan.load_from + lost[0])
+                stats = st.request.prefill_stats
+                if stats is not None:  # not yet reported: the request's first token is still to come
+                    n = min((len(plan.load_block_ids) - lost[0]) * self.block_size, stats.num_external_cached_tokens)
+                    stats.num_external_cached_tokens -= n
+                    stats.num_cached_tokens -= n
+                    stats.num_computed_tokens += n
+            if plan.save_from is not None:
+                st.saved_upto = min(st.saved_upto, plan.save_from)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._reqs.pop(request.request_id, None)
+        self._step.pop(request.request_id, None)
         return False, None  # saves copy the blocks during the step: vLLM may free them at once
 
     # ================================ worker side ===================================================================
@@ -196,23 +326,35 @@ class KVPoolConnector(KVConnectorBase_V1):
         return [t[idx + (block_id,)] for t, d in self._layers for idx in itertools.product(*map(range, t.shape[:d]))]
 
     def _cpu_block_views(self, block_id: int) -> list[memoryview]:
-        """Byte views of a block's pieces in the CPU KV cache, made once per block (loads are a hot path)."""
+        """Byte views of a block's pieces in the CPU KV cache, made once per block (loads are a hot path). Each
+        aliases the cache's memory (asserted), so a load writes the cache itself, never a temporary copy."""
         views = self._views.get(block_id)
         if views is None:
-            views = self._views[block_id] = [memoryview(p.reshape(-1).view(torch.uint8).numpy())
-                                             for p in self._block_pieces(block_id)]
+            views = self._views[block_id] = [byte_view(c) for p in self._block_pieces(block_id)
+                                             for c in contiguous_pieces(p)]
         return views
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVPoolConnectorMetadata)
+        failed = False
         for tr in meta.loads:
             n = self._load(tr)
             if n < len(tr.block_ids):
                 # Those blocks are recomputed by the engine (kv_load_failure_policy=recompute).
                 self._load_errors.update(tr.block_ids[n:])
+                failed = True
                 logger.warning("pool blocks missing or corrupt: recomputing %d of %d", len(tr.block_ids) - n,
                                len(tr.block_ids))
+        if meta.loads and self.world_size > 1:
+            # Every rank has the same metadata, so all of them take part. With tensor or pipeline parallelism a
+            # failed load on one rank taints every rank's activations, hence every rank's new KV.
+            from vllm.distributed.parallel_state import get_world_group
+
+            flag = torch.tensor([int(failed)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=get_world_group().cpu_group)
+            failed = bool(flag.item())
+        self._step_load_failed = failed
 
     def _load(self, tr: BlockTransfer) -> int:
         """Read the blocks of `tr` into the KV cache; returns how many leading blocks arrived."""
@@ -248,6 +390,11 @@ class KVPoolConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVPoolConnectorMetadata)
         if not meta.saves:
             return
+        if self._step_load_failed:
+            # This step computed on top of blocks that did not load (in any request: blocks are shared through the
+            # prefix cache). The scheduler side plans these saves again once the blocks are recomputed.
+            logger.warning("a pool load failed in this step: %d blocks are not saved", sum(len(tr.keys) for tr in meta.saves))
+            return
         block_ids = [b for tr in meta.saves for b in tr.block_ids]
         keys = [k for tr in meta.saves for k in tr.keys]
         # One gather per layer (a copy, so the engine may reuse the blocks at once), block dimension first.
@@ -272,7 +419,8 @@ class KVPoolConnector(KVConnectorBase_V1):
             per_layer = [g.reshape(len(keys), -1).view(torch.uint8) for g in gathered]
             for i, key in enumerate(keys):
                 blob = torch.cat([p[i] for p in per_layer]).numpy()
-                self.store.put(key, blob)
+                if not self.store.put(key, blob):
+                    return  # the tier is full: the rest would fail the same way; the pool shard makes room
         except Exception:
             logger.exception("saving %d blocks to the pool failed (they will be recomputed when needed)", len(keys))
 
@@ -281,5 +429,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self):
-        self._writer.shutdown(wait=True)
-        self._toucher.shutdown(wait=False)
+        if self.role == KVConnectorRole.SCHEDULER:
+            self._toucher.shutdown(wait=False)
+        else:
+            self._writer.shutdown(wait=True)

@@ -20,6 +20,7 @@ some session came back to is told apart from a one-off prompt's.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -34,6 +35,11 @@ import xxhash
 
 _SCHEMA = pa.schema([pa.field("kv", pa.large_binary())])
 SUFFIX = ".arrow"
+TMP_SUFFIX = ".tmp"
+# A temporary file older than this belongs to a writer that died (a write takes milliseconds): scan() removes it.
+STALE_TMP_S = 300.0
+
+logger = logging.getLogger(__name__)
 
 
 def request_namespace(cache_salt: str | None = None, lora_name: str | None = None) -> bytes:
@@ -108,21 +114,31 @@ class PoolStore:
             n += 1
         return n
 
-    def put(self, key: str, data: bytes | memoryview | np.ndarray) -> None:
-        """Write a block to the host tier (atomically; an existing block is left as it is)."""
+    def _tmp(self, target: Path) -> Path:
+        return target.with_name(f".{target.stem}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+
+    def put(self, key: str, data: bytes | memoryview | np.ndarray) -> bool:
+        """Write a block to the host tier (atomically; an existing block is left as it is). False if it could not
+        be written (a full tier): nothing is left behind, and the block is recomputed when needed."""
         target = self._path("host", key)
         if target.exists():
-            return
+            return True
         buf = pa.py_buffer(data)
         arr = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, pa.array([0, buf.size],
                                                                                      pa.int64()).buffers()[1], buf])
         # Fixed-width values, so every block file of a layout has the same header size (see _payload_span).
         schema = _SCHEMA.with_metadata({"xxh3": f"{xxhash.xxh3_64_intdigest(buf):016x}", "key": key})
-        tmp = target.with_name(f".{key}.{uuid.uuid4().hex}.tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_batch(pa.record_batch([arr], schema=schema))
-        os.utime(tmp, (0, time.time()))  # atime 0: not reused yet
-        os.replace(tmp, target)
+        tmp = self._tmp(target)
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                writer.write_batch(pa.record_batch([arr], schema=schema))
+            os.utime(tmp, (0, time.time()))  # atime 0: not reused yet
+            os.replace(tmp, target)
+            return True
+        except (OSError, pa.ArrowException) as e:
+            tmp.unlink(missing_ok=True)
+            logger.warning("pool block %s not written: %s", key, e)
+            return False
 
     def touch(self, keys: Sequence[str]) -> int:
         """Mark the pooled blocks among `keys` as used now (a session came back to them); returns how many.
@@ -146,16 +162,23 @@ class PoolStore:
         except FileNotFoundError:
             return None
 
-    def write_raw(self, key: str, data: bytes) -> None:
-        """Store a file read by read_raw on another node (atomically). Its checksum is verified when it is loaded."""
+    def write_raw(self, key: str, data: bytes) -> bool:
+        """Store a file read by read_raw on another node (atomically). Its checksum is verified when it is loaded.
+        False if it could not be written (a full tier); nothing is left behind."""
         target = self._path("host", key)
         if target.exists():
-            return
-        tmp = target.with_name(f".{key}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        now = time.time()
-        os.utime(tmp, (now, now))  # fetched for a request that is about to load it: in use
-        os.replace(tmp, target)
+            return True
+        tmp = self._tmp(target)
+        try:
+            tmp.write_bytes(data)
+            now = time.time()
+            os.utime(tmp, (now, now))  # fetched for a request that is about to load it: in use
+            os.replace(tmp, target)
+            return True
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            logger.warning("pool block %s not copied: %s", key, e)
+            return False
 
     def _payload_span(self, size: int, fd: int) -> tuple[int, int]:
         """(offset, length) of the KV payload in a block file of `size` bytes. Files of one size share it (the
@@ -191,6 +214,9 @@ class PoolStore:
             for v in dst:
                 h.update(v)
             if meta.get(b"key") != key.encode() or h.intdigest() != int(meta[b"xxh3"], 16):
+                # Corrupt: never served again, and a correct copy can take its place (writers skip existing keys).
+                path.unlink(missing_ok=True)
+                logger.warning("pool block %s is corrupt: removed", key)
                 return False
             os.utime(path)  # a load is a use
             return True
@@ -219,13 +245,18 @@ class PoolStore:
     # --- for the pool actor: listing, demotion, eviction ---------------------------------------------------------
 
     def scan(self) -> list[BlockFile]:
-        files = []
+        """The block files of both tiers. Temporary files of writers that died are removed on the way."""
+        files, now = [], time.time()
         for tier, d in self.tiers.items():
             with os.scandir(d) as it:
                 for e in it:
-                    if not e.name.endswith(SUFFIX):
-                        continue
                     try:
+                        if e.name.endswith(TMP_SUFFIX):
+                            if now - e.stat().st_mtime > STALE_TMP_S:
+                                os.unlink(e.path)
+                            continue
+                        if not e.name.endswith(SUFFIX):
+                            continue
                         st = e.stat()
                     except FileNotFoundError:
                         continue
@@ -233,22 +264,44 @@ class PoolStore:
                                            st.st_atime > 0))
         return files
 
-    def demote(self, f: BlockFile) -> None:
-        """Host -> disk (copy, then rename into place, then drop the host copy)."""
+    def demote(self, f: BlockFile) -> bool:
+        """Host -> disk (copy, then rename into place, then drop the host copy). False if the block is gone or the
+        disk tier cannot take it (full, unwritable): nothing is left behind, the host copy stays."""
         target = self._path("disk", f.key)
-        tmp = target.with_name(f".{f.key}.{uuid.uuid4().hex}.tmp")
+        tmp = self._tmp(target)
         try:
             with open(f.path, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             os.utime(tmp, (f.last_used if f.reused else 0, f.last_used))
             os.replace(tmp, target)
-        except FileNotFoundError:
+        except OSError:
             tmp.unlink(missing_ok=True)
-            return
+            return False
         f.path.unlink(missing_ok=True)
+        return True
 
     @staticmethod
     def delete(files: Iterable[BlockFile]) -> None:
         for f in files:
             f.path.unlink(missing_ok=True)
+
+
+class EngineStores:
+    """The pool as an engine's scheduler sees it: one store per engine rank (tensor/pipeline parallel), each rank
+    saving and loading only its own part of every block. A block counts as pooled only where every rank holds it,
+    since a load that some rank cannot make is a failed load."""
+
+    def __init__(self, host_dir: str | Path, disk_dir: str | Path, layouts: Sequence[str]):
+        self.ranks = [PoolStore(host_dir, disk_dir, layout) for layout in layouts]
+
+    def contains(self, key: str) -> bool:
+        return all(s.contains(key) for s in self.ranks)
+
+    def leading_hits(self, keys: Sequence[str]) -> int:
+        """How many of `keys`, from the first, every rank holds."""
+        return min(s.leading_hits(keys) for s in self.ranks)
+
+    def touch(self, keys: Sequence[str]) -> None:
+        for s in self.ranks:
+            s.touch(keys)

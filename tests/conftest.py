@@ -29,6 +29,12 @@ def tiny_model_dir() -> Path:
     return build_tiny_model(cache_dir() / "test-models" / "tiny-llama")
 
 
+@pytest.fixture
+def pool_dirs(tmp_path):
+    """A pool's host and disk tier directories, fresh for each test."""
+    return str(tmp_path / "host"), str(tmp_path / "disk")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

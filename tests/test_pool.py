@@ -6,7 +6,6 @@ which move if even one loaded KV value is wrong.
 """
 
 import gc
-import random
 import time
 from pathlib import Path
 
@@ -17,17 +16,7 @@ from kvpool.config import KVPoolConfig
 from kvpool.connector import kv_transfer_config
 from kvpool.pool_store import PoolStore, pool_keys, request_namespace
 
-VOCAB = 390
-
-
-def tokens(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, VOCAB) for _ in range(n)]
-
-
-@pytest.fixture
-def pool_dirs(tmp_path):
-    return str(tmp_path / "host"), str(tmp_path / "disk")
+from test_pool_correctness import tokens
 
 
 def engine(model_dir, pool_dirs=None, prefix_caching=True):

@@ -22,7 +22,8 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(400)]
 
 
-def build_tiny_model(path: Path) -> Path:
+def build_tiny_model(path: Path, seed: int = 0) -> Path:
+    """`seed` draws the weights: another seed is another model of the same shape."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -54,7 +55,7 @@ def build_tiny_model(path: Path) -> Path:
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
