@@ -1,7 +1,8 @@
 """An engine replica: one Ray Serve replica holding one vLLM async engine (tensor-parallel over one node's GPUs).
 
-The ingress sends token ids (it tokenized once); the replica streams back text deltas plus the usage numbers the
-OpenAI API reports, including how many prompt tokens came from the prefix cache.
+The ingress sends token ids (it tokenized once); the replica streams back text and token-id deltas (with their
+logprobs when asked) plus the usage numbers the OpenAI API reports, including how many prompt tokens came from the
+prefix cache.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ class GenerateRequest:
 @dataclass
 class GenerateChunk:
     text: str
-    num_new_tokens: int
+    token_ids: list[int]
     num_cached_tokens: int
     finish_reason: str | None = None
+    # When the sampling parameters ask for logprobs: per new token, vLLM's {token id: Logprob} of the sampled token
+    # (first) and the top ones.
+    logprobs: list[dict[int, Any]] | None = None
 
 
 def engine_env(cfg: KVPoolConfig) -> dict[str, str]:
@@ -121,9 +125,10 @@ class EngineReplica:
             comp = out.outputs[0]
             yield GenerateChunk(
                 text=comp.text,
-                num_new_tokens=len(comp.token_ids),
+                token_ids=list(comp.token_ids),
                 num_cached_tokens=out.num_cached_tokens or 0,
                 finish_reason=comp.finish_reason if out.finished else None,
+                logprobs=None if comp.logprobs is None else list(comp.logprobs),
             )
 
     def _register(self) -> None:

@@ -187,10 +187,9 @@ class OpenAIIngress:
             try:
                 chunks, headers = await self._dispatch(rid, ids, params, tenant)
                 if req.stream:
-                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                    return StreamingResponse(self._stream(chunks, rid, kind, len(ids), include_usage),
+                    return StreamingResponse(self._stream(chunks, rid, req, kind, len(ids)),
                                              media_type="text/event-stream", headers=headers)
-                return JSONResponse(await self._collect(chunks, rid, kind, len(ids)), headers=headers)
+                return JSONResponse(await self._collect(chunks, rid, req, kind, len(ids)), headers=headers)
             except _ReplicaLost as e:
                 logger.warning("request %s lost its replica (%s): attempt %d", rid, e, attempt + 1)
         raise oa.OpenAIError(503, "engine replicas failed while serving this request", type="server_error",
@@ -289,12 +288,14 @@ class OpenAIIngress:
             if decision:
                 self.router.finished.remote(rid, cached if ok else None)
 
-    async def _collect(self, chunks: AsyncIterator[GenerateChunk], rid: str, kind: str, n_prompt: int):
-        text, n_out, cached, finish = [], 0, 0, None
+    async def _collect(self, chunks: AsyncIterator[GenerateChunk], rid: str, req: oa._Request, kind: str,
+                       n_prompt: int):
+        text, token_ids, logprobs, cached, finish = [], [], [], 0, None
         try:
             async for c in chunks:
                 text.append(c.text)
-                n_out += c.num_new_tokens
+                token_ids += c.token_ids
+                logprobs += c.logprobs or []
                 cached = max(cached, c.num_cached_tokens)
                 finish = c.finish_reason or finish
         except _REPLICA_LOST as e:  # nothing has reached the client yet: the whole request can be retried
@@ -302,29 +303,34 @@ class OpenAIIngress:
         except Exception as e:
             logger.exception("request %s failed in the engine", rid)
             raise oa.OpenAIError(503, f"engine failed: {type(e).__name__}", type="server_error") from None
-        use = oa.usage(n_prompt, n_out, cached)
+        use = oa.usage(n_prompt, len(token_ids), cached)
         build = oa.chat_response if kind == "chat" else oa.completion_response
-        return build(rid, self.model_name, "".join(text), finish, use)
+        return build(rid, self.model_name, "".join(text), finish, use, req.format_logprobs(token_ids, logprobs, 0))
 
-    async def _stream(self, chunks: AsyncIterator[GenerateChunk], rid: str, kind: str, n_prompt: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, chunks: AsyncIterator[GenerateChunk], rid: str, req: oa._Request, kind: str,
+                      n_prompt: int) -> AsyncIterator[str]:
         chat = kind == "chat"
-        n_out, cached = 0, 0
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        n_out, n_chars, cached = 0, 0, 0
         if chat:
             yield oa.sse(oa.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
         try:
             async for c in chunks:
-                n_out += c.num_new_tokens
+                n_out += len(c.token_ids)
                 cached = max(cached, c.num_cached_tokens)
-                if not c.text and c.finish_reason is None:
+                # A token whose text is not complete yet (part of a UTF-8 character) still gets its chunk: its
+                # logprob belongs to it.
+                if not c.token_ids and c.finish_reason is None:
                     continue
+                logprobs = req.format_logprobs(c.token_ids, c.logprobs or [], n_chars)
+                n_chars += len(c.text)
                 # Usage rides on the final chunk even without include_usage, so every response reports cached tokens.
                 use = oa.usage(n_prompt, n_out, cached) if c.finish_reason and not include_usage else None
                 if chat:
                     delta = {"content": c.text} if c.text else {}
-                    yield oa.sse(oa.chat_chunk(rid, self.model_name, delta, c.finish_reason, use))
+                    yield oa.sse(oa.chat_chunk(rid, self.model_name, delta, c.finish_reason, use, logprobs))
                 else:
-                    yield oa.sse(oa.completion_chunk(rid, self.model_name, c.text, c.finish_reason, use))
+                    yield oa.sse(oa.completion_chunk(rid, self.model_name, c.text, c.finish_reason, use, logprobs))
         except Exception as e:
             logger.exception("stream %s failed in the engine", rid)
             err = oa.OpenAIError(503, f"engine failed mid-stream: {type(e).__name__}", type="server_error")

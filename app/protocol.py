@@ -5,6 +5,7 @@ Requests are validated here, before any work is queued, so a bad request costs n
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import Any, Literal
@@ -42,12 +43,24 @@ class _Request(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension, for benchmarks: generate exactly max_tokens
+    # vLLM's extension: logprob tokens as "token_id:123", so a client learns the exact token ids generated.
+    return_tokens_as_token_ids: bool = False
+
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per token the engine computes besides the sampled token's; None: no logprobs."""
+        raise NotImplementedError
+
+    def format_logprobs(self, token_ids: list[int], logprobs: list[dict], text_offset: int) -> dict | None:
+        """The response's `logprobs` for these tokens (None when not asked); `text_offset`: the characters of
+        completion text before them."""
+        raise NotImplementedError
 
     def sampling_kwargs(self, max_tokens: int) -> dict[str, Any]:
         """Keyword arguments for vllm.SamplingParams; None means the engine default."""
         kw = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop,
                   seed=self.seed, presence_penalty=self.presence_penalty,
-                  frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos or None)
+                  frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos or None,
+                  logprobs=self.num_logprobs())
         return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -65,15 +78,47 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # used with logprobs=true only, as in vLLM
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def format_logprobs(self, token_ids: list[int], logprobs: list[dict], text_offset: int) -> dict | None:
+        if not self.logprobs:
+            return None
+        as_ids = self.return_tokens_as_token_ids
+        return {"content": [{**_logprob_entry(tid, step[tid], as_ids),
+                             "top_logprobs": [_logprob_entry(t, lp, as_ids)
+                                              for t, lp in itertools.islice(step.items(), self.top_logprobs or 0)]}
+                            for tid, step in zip(token_ids, logprobs)]}
 
 
 class CompletionRequest(_Request):
     # One prompt per request: a string or token ids (a one-element batch is accepted too).
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def format_logprobs(self, token_ids: list[int], logprobs: list[dict], text_offset: int) -> dict | None:
+        if self.logprobs is None:
+            return None
+        as_ids = self.return_tokens_as_token_ids
+        steps = [step[tid] for tid, step in zip(token_ids, logprobs)]
+        lengths = [len(lp.decoded_token or "") for lp in steps]
+        # The sampled token and the top `logprobs` (OpenAI: up to logprobs + 1 entries per token).
+        return {"tokens": [_token(tid, lp, as_ids) for tid, lp in zip(token_ids, steps)],
+                "token_logprobs": [_logprob(lp) for lp in steps],
+                "top_logprobs": [{_token(t, lp, as_ids): _logprob(lp)
+                                  for t, lp in itertools.islice(step.items(), self.logprobs + 1)}
+                                 for step in logprobs],
+                "text_offset": list(itertools.accumulate(lengths[:-1], initial=text_offset))[:len(steps)]}
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -106,6 +151,20 @@ def parse_request(raw: bytes, model_cls: type[_Request]) -> _Request:
         raise OpenAIError(400, f"{param}: {err['msg']}", param=param) from None
 
 
+def _token(token_id: int, logprob, as_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_ids else logprob.decoded_token or ""
+
+
+def _logprob(logprob) -> float:
+    return max(logprob.logprob, -9999.0)  # as vLLM and OpenAI: JSON has no -inf
+
+
+def _logprob_entry(token_id: int, logprob, as_ids: bool) -> dict[str, Any]:
+    """One token of chat logprobs; `logprob` is vLLM's Logprob (its decoded_token is the token's text)."""
+    return {"token": _token(token_id, logprob, as_ids), "logprob": _logprob(logprob),
+            "bytes": list((logprob.decoded_token or "").encode("utf-8", errors="replace"))}
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -115,27 +174,29 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def chat_response(rid: str, model: str, text: str, finish_reason: str | None, use: dict) -> dict[str, Any]:
+def chat_response(rid: str, model: str, text: str, finish_reason: str | None, use: dict,
+                  logprobs: dict | None = None) -> dict[str, Any]:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None}],
+                     "finish_reason": finish_reason, "logprobs": logprobs}],
         "usage": use,
     }
 
 
-def completion_response(rid: str, model: str, text: str, finish_reason: str | None, use: dict) -> dict[str, Any]:
+def completion_response(rid: str, model: str, text: str, finish_reason: str | None, use: dict,
+                        logprobs: dict | None = None) -> dict[str, Any]:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
         "usage": use,
     }
 
 
 def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None,
-               use: dict | None = None) -> dict[str, Any]:
+               use: dict | None = None, logprobs: dict | None = None) -> dict[str, Any]:
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                         "logprobs": None}]
+                                         "logprobs": logprobs}]
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
              "choices": choices}
     if use is not None:
@@ -144,9 +205,9 @@ def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None = No
 
 
 def completion_chunk(rid: str, model: str, text: str | None, finish_reason: str | None = None,
-                     use: dict | None = None) -> dict[str, Any]:
+                     use: dict | None = None, logprobs: dict | None = None) -> dict[str, Any]:
     choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish_reason,
-                                        "logprobs": None}]
+                                        "logprobs": logprobs}]
     chunk = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
              "choices": choices}
     if use is not None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from kvpool.bench.compare import CONFIGS
+from kvpool.bench.verify import LOGPROB_TOLERANCE
 from kvpool.traces import FORMATS
 
 
 def main(argv: list[str] | None = None) -> None:
+    # stdout carries the result line only; vLLM (the --verify reference, Ray Serve LLM's driver side) logs to stderr.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     parser = argparse.ArgumentParser(prog="kvpool")
     sub = parser.add_subparsers(dest="cmd", required=True)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -55,12 +59,17 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--max-output", type=int, default=64, help="cap on each turn's output tokens")
         p.add_argument("--think-scale", type=float, default=0.1, help="times the trace's think time")
         p.add_argument("--out", default="", help="write the results as JSON here, and X-*.png plots beside X.json")
+        p.add_argument("--verify", action="store_true",
+                       help="check every response's output tokens and logprobs against a no-cache reference")
+        p.add_argument("--verify-tolerance", type=float, default=LOGPROB_TOLERANCE,
+                       help="largest absolute logprob difference that still matches (the default is for float32)")
 
     replay = bench.add_parser("replay", help="replay agent sessions against an OpenAI endpoint (closed loop)")
     replay_args(replay)
     replay.add_argument("--url", default="http://127.0.0.1:8000")
     replay.add_argument("--tokenizer", default="",
-                        help="for the cache bound and the token-id prompts' vocabulary; default: the embedded model")
+                        help="the served model's directory: for the cache bound, the token-id prompts' vocabulary and "
+                             "the --verify reference; default: the embedded model")
     replay.add_argument("--block-size", type=int, default=32)
 
     def deploy_args(p: argparse.ArgumentParser) -> None:
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     replay_args(compare)
     deploy_args(compare)
     compare.add_argument("--configs", nargs="*", choices=CONFIGS, help="a subset, in this order")
-    compare.add_argument("--smoke", action="store_true", help="4 sessions, 3 turns, short contexts: for CI")
+    compare.add_argument("--smoke", action="store_true",
+                         help="4 sessions, 3 turns, short contexts, --verify: for CI")
 
     args = parser.parse_args(argv)
     if args.cmd == "compare":
@@ -97,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.smoke:
             args.sessions, args.turns, args.max_context, args.max_output, args.duration = 4, 3, 1500, 8, 300
+            args.verify = True
         result = compare_run(args)
         if args.json:
             print(json.dumps(result))

@@ -6,6 +6,7 @@ import json
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,45 @@ def test_streaming_chat_equals_non_streaming(client):
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens is not None
 
 
+def _token_id(token: str) -> int:
+    assert token.startswith("token_id:"), token
+    return int(token.removeprefix("token_id:"))
+
+
+def test_chat_logprobs_with_token_ids(tiny_app, client):
+    """One logprob entry per completion token, its token id decoding to the text, the same streamed or not."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_app[1].model)
+    kw = dict(model="tiny", messages=MSG, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+              extra_body={"return_tokens_as_token_ids": True})
+    r = client.chat.completions.create(**kw)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens >= 1
+    ids = [_token_id(e.token) for e in entries]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == r.choices[0].message.content
+    for e in entries:
+        assert [_token_id(t.token) for t in e.top_logprobs][0] == _token_id(e.token)  # greedy: the top token
+        assert e.logprob == e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob and e.logprob <= 0
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [_token_id(e.token) for e in streamed] == ids
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-3)
+
+
+def test_completion_logprobs_as_text_and_token_ids(tiny_app, client):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_app[1].model)
+    kw = dict(model="tiny", prompt="agents read files and", max_tokens=6, temperature=0, logprobs=1)
+    r = client.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(len(top) <= 2 and top[t] == v for top, t, v in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs))
+    chunks = list(client.completions.create(stream=True, extra_body={"return_tokens_as_token_ids": True}, **kw))
+    ids = [_token_id(t) for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert len(ids) == r.usage.completion_tokens
+    assert tokenizer.decode(ids, skip_special_tokens=True) == r.choices[0].text
+
+
 def test_streaming_completion_reports_usage_without_include_usage(client):
     chunks = list(client.completions.create(model="tiny", prompt="tests and write", max_tokens=4, temperature=0,
                                             stream=True))
@@ -88,6 +128,7 @@ BAD = {
     "top_p": (_chat(top_p=1.5), 400, None),
     "max_tokens zero": (_chat(max_tokens=0), 400, None),
     "stop type": (_chat(stop=5), 400, None),
+    "top_logprobs": (_chat(logprobs=True, top_logprobs=21), 400, None),
 }
 
 

@@ -1,4 +1,5 @@
-"""`kvpool compare --smoke`: every configuration, peers included, deploys and answers a real replay."""
+"""`kvpool compare --smoke`: every configuration, peers included, deploys and answers a real replay, and every answer
+is checked against a no-cache reference (--smoke turns --verify on)."""
 
 import json
 import os
@@ -31,4 +32,16 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
     for name, share in (("kvpool-router", 0.75), ("kvpool", 0.9)):
         assert 0 < res[name]["bound_hit_rate"] <= 1
         assert res[name]["hit_rate"] >= share * res[name]["bound_hit_rate"], (name, res[name])
-    assert json.loads(out.read_text())["results"] == res
+    # Every answer was checked, and every output token came back with its id and logprob (our app and vLLM's server
+    # alike). KV-Pool's answers, cached or not, are the no-cache reference's. Measured here: all five configurations
+    # 0 mismatched, logprob differences up to 4.8e-7 (one float32 ulp), far below the 1e-3 tolerance, so a flip
+    # from batching noise alone is not expected; the peers' counts are reported, not asserted (not our code).
+    for name, r in res.items():
+        assert r["verified"] == r["requests"], (name, r)
+    mismatched = {name: r["mismatched"] for name, r in res.items()}
+    for name in ("no-cache", "kvpool-router", "kvpool"):
+        assert mismatched[name] == 0, (name, res[name]["mismatches"], mismatched)
+    saved = json.loads(out.read_text())
+    assert saved["results"] == res
+    for name, records in saved["records"].items():
+        assert all(len(r["output_ids"]) == r["completion_tokens"] > 0 for r in records), name

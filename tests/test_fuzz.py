@@ -18,7 +18,9 @@ SAMPLING = {"max_tokens": st.integers(-3, 4) | ANY_INT, "temperature": st.floats
             "top_p": st.floats(-1, 2) | JSON, "n": st.integers(0, 3), "stream": st.booleans() | JSON,
             "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=3) | JSON,
             "seed": ANY_INT | JSON, "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JSON,
-            "presence_penalty": st.floats(-3, 3), "ignore_eos": st.booleans() | JSON}
+            "presence_penalty": st.floats(-3, 3), "ignore_eos": st.booleans() | JSON,
+            "logprobs": st.booleans() | st.integers(-1, 6) | JSON, "top_logprobs": st.integers(-1, 21) | JSON,
+            "return_tokens_as_token_ids": st.booleans() | JSON}
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "developer", "bot"]),
                                  "content": st.text(max_size=60) | st.none()
                                  | st.lists(st.fixed_dictionaries({"type": st.just("text"),

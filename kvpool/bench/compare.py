@@ -9,6 +9,12 @@
 Same model, replica count, KV memory per replica, sessions and trace for all. Each app is deployed, replayed, then
 deleted before the next starts, so they never share a core. `--out X.json` also writes X-turns.png (every
 configuration's turn curves) and X-summary.png (bars), see kvpool.bench.plots.
+
+`--verify` (on with `--smoke`): every configuration's responses are checked against one no-cache reference computed
+after the last configuration (kvpool.bench.verify): `verified` responses, `mismatched` ones (output tokens differ,
+or a logprob by more than `logprob_tolerance`), the first mismatches with their cached tokens and route reason, and
+`logprob_max_abs_diff`, the largest logprob difference on matching tokens: no-cache's and the Ray Serve LLM
+configurations' state the noise floor of batching on this machine.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from kvpool.traces import detect_format
 CONFIGS = ["no-cache", "rayllm-default", "rayllm-prefix", "kvpool-router", "kvpool"]
 METRICS = ["input_tok_s", "output_tok_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_mean_s",
            "latency_p50_s", "latency_p90_s", "hit_rate", "bound_hit_rate", "errors", "requests", "wall_s"]
+VERIFY_METRICS = ["verified", "mismatched", "logprob_max_abs_diff"]
 LOWER_IS_BETTER = {"ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_mean_s", "latency_p50_s", "latency_p90_s",
-                   "errors", "wall_s"}
+                   "errors", "wall_s", "mismatched", "logprob_max_abs_diff"}
 
 
 def _deploy(name: str, args, model_path: str, pool_root: str):
@@ -85,7 +92,8 @@ def table(results: dict[str, dict]) -> str:
     peers = [results[p] for p in ("rayllm-default", "rayllm-prefix") if p in results]
     lines = ["| metric | " + " | ".join(results) + " | kvpool vs no-cache | kvpool vs best peer |",
              "|---" * (len(results) + 3) + "|"]
-    for m in METRICS:
+    verified = any("verified" in r for r in results.values())
+    for m in METRICS + VERIFY_METRICS if verified else METRICS:
         row = [str(results[c].get(m)) for c in results]
         ours = results.get("kvpool", {}).get(m)
         vs_base = vs_peer = ""
@@ -128,7 +136,7 @@ def run(args) -> dict:
                 startup = _wait_ready(url)
                 records[name], wall = asyncio.run(replay(url, sessions, args.duration, args.turns, args.think_scale,
                                                          args.max_output, Bound(32, renderer),
-                                                         progress=not args.json))
+                                                         progress=not args.json, verify=args.verify))
                 results[name] = {"startup_s": round(startup, 1), **summarize(records[name], wall)}
             except Exception as e:  # one configuration failing must not lose the others' numbers
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -139,6 +147,13 @@ def run(args) -> dict:
         shutil.rmtree(pool_root, ignore_errors=True)
         serve.shutdown()
         ray.shutdown()
+    if args.verify:
+        from kvpool.bench.verify import verify_runs
+
+        replayed = {name: recs for name, recs in records.items() if "error" not in results[name]}
+        for name, summary in verify_runs(model_path, replayed, args.max_model_len, args.verify_tolerance,
+                                         args.kv_cache_bytes, progress=not args.json).items():
+            results[name].update(summary)
     out = {"bench": "compare", "model": args.model or "SmolLM2-135M-Instruct", "replicas": args.replicas,
            "kv_cache_bytes_per_replica": args.kv_cache_bytes, "sessions": args.sessions, "duration_s": args.duration,
            "max_context": args.max_context, "trace": args.trace,

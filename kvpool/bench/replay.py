@@ -7,7 +7,8 @@ until its turns or `--duration` run out. Every request streams, so TTFT is measu
 tokens. The run also computes its own infinite-cache bound: for each request, in send order, the longest
 block-aligned prefix of its token ids that an earlier request already had (the hit rate a perfect, infinitely
 large, shared cache would reach on exactly this run). A progress bar on stderr follows the run; `--out X.json`
-keeps every request's record there and plots them in X-turns.png.
+keeps every request's record there and plots them in X-turns.png. `--verify` also asks for every output token's id
+and logprob and checks them against a reference computed with no cache at all (kvpool.bench.verify).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from kvpool.bench.verify import GREEDY
 from kvpool.hashing import block_hashes
 from kvpool.traces import (CHARS_PER_TOKEN, DEFAULT_VOCAB_SIZE, Session, Turn, detect_format, fit_context,
                            fit_tokens, read_sessions)
@@ -44,6 +46,12 @@ class Record:
     ttft_s: float | None = None
     latency_s: float | None = None
     error: str | None = None
+    max_tokens: int = 0
+    route_reason: str | None = None  # KV-Pool's x-kvpool-route-reason header
+    # With verify on: the prompt's token ids, and the output's token ids and logprobs as the server returned them.
+    prompt_ids: list[int] | None = None
+    output_ids: list[int] | None = None
+    logprobs: list[float] | None = None
 
 
 def _another_agent(session: Session, i: int) -> Session:
@@ -82,8 +90,11 @@ class Bound:
         self.block_size = block_size
         self.seen: set[int] = set()
 
-    def observe(self, turn: Turn) -> int:
-        ids = turn.prompt_ids if turn.prompt_ids is not None else self.renderer.chat(turn.messages)
+    def prompt_ids(self, turn: Turn) -> list[int]:
+        return turn.prompt_ids if turn.prompt_ids is not None else self.renderer.chat(turn.messages)
+
+    def observe(self, ids: list[int]) -> int:
+        """The cached tokens a perfect cache would give a prompt of these token ids, after all earlier ones."""
         hashes = block_hashes(ids[:-1], self.block_size).tolist()
         hit = 0
         while hit < len(hashes) and hashes[hit] in self.seen:
@@ -92,20 +103,35 @@ class Bound:
         return hit * self.block_size
 
 
-async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, max_output: int, rec: Record) -> None:
-    body = {"model": model, "max_tokens": max(1, min(turn.max_tokens, max_output)), "temperature": 0,
+def _output_tokens(choice: dict, chat: bool) -> list[tuple[int, float]]:
+    """(token id, logprob) of a streamed choice's tokens, from logprobs asked with return_tokens_as_token_ids."""
+    lp = choice.get("logprobs")
+    if not lp:
+        return []
+    pairs = [(e["token"], e["logprob"]) for e in lp["content"] or []] if chat else \
+        zip(lp["tokens"], lp["token_logprobs"])
+    return [(int(token.removeprefix("token_id:")), logprob) for token, logprob in pairs]
+
+
+async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, rec: Record, verify: bool) -> None:
+    body = {"model": model, "max_tokens": rec.max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     chat = turn.prompt_ids is None
     if chat:
         body["messages"] = turn.messages
     else:
         body["prompt"] = turn.prompt_ids
+    if verify:
+        # The sampled token's logprob only (chat: top_logprobs defaults to 0; completions: logprobs=0).
+        body.update(GREEDY, logprobs=True if chat else 0, return_tokens_as_token_ids=True)
+        rec.output_ids, rec.logprobs = [], []
     t0 = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/v1/{'chat/completions' if chat else 'completions'}", json=body) as r:
             if r.status_code != 200:
                 rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return
+            rec.route_reason = r.headers.get("x-kvpool-route-reason")
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -113,11 +139,14 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, max
                 if "error" in chunk:
                     rec.error = chunk["error"].get("message", "stream error")
                     return
-                if rec.ttft_s is None and chunk.get("choices"):
+                if chunk.get("choices"):
                     choice = chunk["choices"][0]
                     piece = choice["delta"].get("content") if chat else choice.get("text")
-                    if piece:
+                    if piece and rec.ttft_s is None:
                         rec.ttft_s = time.perf_counter() - t0
+                    for token_id, logprob in _output_tokens(choice, chat) if verify else ():
+                        rec.output_ids.append(token_id)
+                        rec.logprobs.append(logprob)
                 if chunk.get("usage"):
                     u = chunk["usage"]
                     rec.prompt_tokens, rec.completion_tokens = u["prompt_tokens"], u["completion_tokens"]
@@ -130,9 +159,10 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, max
 
 
 async def replay(url: str, sessions: list[Session], duration_s: float, max_turns: int, think_scale: float,
-                 max_output: int, bound: Bound, progress: bool = True,
-                 concurrency: int = 0) -> tuple[list[Record], float]:
-    """`concurrency`: sessions run at most this many at once, the next starting when one ends (0: all at once)."""
+                 max_output: int, bound: Bound, progress: bool = True, concurrency: int = 0,
+                 verify: bool = False) -> tuple[list[Record], float]:
+    """`concurrency`: sessions run at most this many at once, the next starting when one ends (0: all at once).
+    `verify`: records keep what kvpool.bench.verify checks (prompt ids, output ids and logprobs)."""
     slots = asyncio.Semaphore(concurrency or len(sessions))
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800, connect=10)) as client:
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
@@ -150,10 +180,14 @@ async def replay(url: str, sessions: list[Session], duration_s: float, max_turns
                 await asyncio.sleep(min(turn.think_s * think_scale, 30.0))
                 if time.perf_counter() >= deadline:
                     return
-                rec = Record(s.name, i, time.perf_counter() - start)
-                rec.bound_tokens = bound.observe(turn)
+                max_tokens = max(1, min(turn.max_tokens, max_output))
+                rec = Record(s.name, i, time.perf_counter() - start, max_tokens=max_tokens)
+                ids = bound.prompt_ids(turn)
+                rec.bound_tokens = bound.observe(ids)
+                if verify:
+                    rec.prompt_ids = ids
                 records.append(rec)
-                await _send(client, url, model, turn, max_output, rec)
+                await _send(client, url, model, turn, rec, verify)
 
         # With --turns the work is known, so the bar counts turns; otherwise it counts seconds up to --duration.
         turns_total = sum(len(s.turns[:max_turns]) for s in sessions) if max_turns else 0
@@ -206,14 +240,22 @@ def run(args) -> dict:
     from kvpool.model import resolve_model
     from kvpool.prompt import PromptRenderer
 
-    renderer = PromptRenderer.from_pretrained(args.tokenizer or resolve_model(""))
+    url = args.url.rstrip("/")
+    model_path = args.tokenizer or resolve_model("")
+    renderer = PromptRenderer.from_pretrained(model_path)
     sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns,
                              args.trace_format, vocab_size=len(renderer.tokenizer))
-    records, wall = asyncio.run(replay(args.url.rstrip("/"), sessions, args.duration, args.turns, args.think_scale,
-                                       args.max_output, Bound(args.block_size, renderer)))
+    records, wall = asyncio.run(replay(url, sessions, args.duration, args.turns, args.think_scale, args.max_output,
+                                       Bound(args.block_size, renderer), verify=args.verify))
     result = {"bench": "replay", "url": args.url, "sessions": args.sessions, "trace": str(args.trace),
               "trace_format": args.trace_format or detect_format(Path(args.trace)), "max_context": args.max_context,
               **summarize(records, wall)}
+    if args.verify:
+        from kvpool.bench.verify import verify_runs
+
+        # KV-Pool and vLLM's server say their context length in /v1/models; Ray Serve LLM does not.
+        max_model_len = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0].get("max_model_len")
+        result.update(verify_runs(model_path, {"replay": records}, max_model_len, args.verify_tolerance)["replay"])
     if args.out:
         from kvpool.bench.plots import plot_turns
 

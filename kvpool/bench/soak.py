@@ -2,7 +2,8 @@
 
 Deploys the app as `kvpool compare` does (same model and memory settings), then keeps `--sessions` agent sessions
 running for `--duration` seconds: when one ends, a fresh one (another agent, sharing nothing) starts. Reports errors,
-hit rate and TTFT per time window (stability) and memory used on the machine (growth), as one JSON line.
+hit rate and TTFT per time window (stability) and memory used on the machine (growth), as one JSON line. `--verify`
+checks every response against a no-cache reference once the app is gone (kvpool.bench.verify).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def run(args) -> dict:
             sampler = asyncio.create_task(_sample_memory(samples, 10))
             try:
                 return await replay(url, sessions, args.duration, args.turns, args.think_scale, args.max_output,
-                                    Bound(32, renderer), progress=not args.json, concurrency=args.sessions)
+                                    Bound(32, renderer), progress=not args.json, concurrency=args.sessions,
+                                    verify=args.verify)
             finally:
                 sampler.cancel()
 
@@ -87,6 +89,11 @@ def run(args) -> dict:
               "pool_bytes": {node: {"host": p.get("host_bytes"), "disk": p.get("disk_bytes")}
                              for node, p in (pool or {}).items()},
               "windows": windows(records, wall, args.window)}
+    if args.verify:
+        from kvpool.bench.verify import verify_runs
+
+        result.update(verify_runs(model_path, {"soak": records}, args.max_model_len, args.verify_tolerance,
+                                  args.kv_cache_bytes, progress=not args.json)["soak"])
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result
