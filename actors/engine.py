@@ -72,6 +72,8 @@ def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | No
         from kvpool.connector import kv_transfer_config
 
         kwargs["kv_transfer_config"] = kv_transfer_config(cfg.pool_host_dir_resolved(), cfg.pool_disk_dir_resolved())
+        # A step must know whether the previous one's pool loads worked before it is planned (kvpool/connector.py).
+        kwargs["async_scheduling"] = False
     if kv_events_endpoint:
         # Connect (no '*') to the router's SUB socket; the topic names this replica in the router's index.
         kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
@@ -138,8 +140,7 @@ class EngineReplica:
         if self.cfg.pool_enabled:
             from kvpool.connector import layout_name
 
-            world = self.cfg.tensor_parallel_size * self.cfg.pipeline_parallel_size
-            layouts = [layout_name(self.engine.vllm_config, rank) for rank in range(world)]
+            layouts = [layout_name(self.engine.vllm_config, rank) for rank in range(self.cfg.tensor_parallel_size)]
         ctx = ray.get_runtime_context()
         self.router.register.remote(self.replica_id, ctx.current_actor, ctx.get_node_id(), layouts)
 

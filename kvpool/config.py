@@ -114,6 +114,9 @@ class KVPoolConfig(BaseModel):
     def _cpu_constraints(self) -> "KVPoolConfig":
         if self.resolved_device() == "cpu" and self.block_size % 32:
             raise ValueError("block_size must be a multiple of 32 on CPU (vLLM's CPU attention refuses others)")
+        if self.pool_enabled and self.pipeline_parallel_size > 1:
+            raise ValueError("the KV pool does not support pipeline parallelism yet (tensor parallelism it does): "
+                             "set pool_enabled=false or pipeline_parallel_size=1")
         if self.max_replicas_per_node and self.uses_placement_group():
             raise ValueError("max_replicas_per_node cannot be combined with tensor/pipeline parallelism on GPU "
                              "(each replica is a placement group; Serve refuses both)")

@@ -21,11 +21,15 @@ What keeps pooled KV correct (each has a test in tests/test_pool_correctness.py)
 - A failed load (a block evicted or corrupt between the check and the load): the step's forward pass computed on
   whatever the failed blocks held, so that step saves nothing, on any rank (the ranks agree on it: with tensor
   parallelism every rank's activations depend on every rank's KV). The scheduler side then plans those saves again
-  from where the request is recomputed, and takes the failed tokens out of the request's cached-token count.
-- Several ranks: each rank pools its own part of a block; the scheduler counts a block as pooled only where every
-  rank holds it (EngineStores), and keeps every rank's copy in use.
-- Identity: a pooled block is only ever read by an engine whose model weights, vLLM version, device, attention
-  backend and KV geometry are those that wrote it (layout_name); the CPU loads write into the cache's own memory.
+  from where the request is recomputed, takes the failed blocks out of vLLM's prefix cache (no other request may
+  hit them before they are recomputed), and takes the failed tokens out of the request's cached-token count. This
+  needs each step planned after the previous step's output: the engine runs with async_scheduling=False.
+- Tensor parallelism: each rank pools its own part of a block; the scheduler counts a block as pooled only where
+  every rank holds it (EngineStores), and keeps every rank's copy in use. Pipeline parallelism is refused: its
+  stages run one after another, so they cannot agree on a failed load before saving.
+- Identity: a pooled block is only ever read by an engine whose model weights, vLLM version, device (on CPU: the
+  attention instruction set, which decides the KV packing), attention backend and KV geometry are those that wrote
+  it (layout_name); the CPU loads write into the cache's own memory.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from kvpool.pool_store import EngineStores, PoolStore, pool_keys, request_namesp
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
@@ -111,8 +115,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 @functools.lru_cache(maxsize=8)
 def model_fingerprint(model: str, revision: str | None) -> str:
     """The identity of a model's weights: for a local directory (or a hub model already in the local cache), its
-    config and, per weight file, name, size and the bytes of its first and last MiB, so that new weights at the
-    same path (a fine-tune, an update) never read the old weights' KV; otherwise the hub id and revision."""
+    config and, per weight file, name, size, modification time and the bytes of its first and last MiB, so that new
+    weights at the same path (a fine-tune, an update) never read the old weights' KV; otherwise the hub id and
+    revision."""
     path = model
     if not os.path.isdir(path):
         try:
@@ -128,8 +133,11 @@ def model_fingerprint(model: str, revision: str | None) -> str:
             with open(full, "rb") as f:
                 h.update(f.read())
         elif name.endswith(_WEIGHT_SUFFIXES):
-            size = os.path.getsize(full)
-            h.update(f"{name}:{size}".encode())
+            st = os.stat(full)
+            size = st.st_size
+            # The modification time too: a fine-tune can leave a file's size and both ends as they were. (A copy of
+            # the weights that does not keep mtimes then shares no pool with the original: slower, never wrong.)
+            h.update(f"{name}:{size}:{st.st_mtime_ns}".encode())
             with open(full, "rb") as f:
                 h.update(f.read(1 << 20))
                 f.seek(max(0, size - (1 << 20)))
@@ -144,12 +152,16 @@ def pool_identity(vllm_config: "VllmConfig") -> dict[str, Any]:
     from vllm.platforms import current_platform
 
     m, c, p = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
-    try:
+    if current_platform.is_cpu():
+        # vLLM's CPU attention packs KV for the instruction set it picks per machine (AMX, AVX-512, NEON, ...).
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        device = _get_attn_isa(m.dtype, c.block_size, m.get_head_size(), c.cache_dtype)
+    else:
         device = current_platform.get_device_name()
-    except Exception:  # platforms without a device name (CPU): the kind is the platform's
-        device = ""
     return {
         "model": model_fingerprint(m.model, m.revision), "dtype": str(m.dtype), "kv_cache_dtype": str(c.cache_dtype),
+        "quantization": str(m.quantization), "hf_overrides": repr(m.hf_overrides),
         "block_size": c.block_size, "kv_heads": m.get_num_kv_heads(p), "head_size": m.get_head_size(),
         "tp": p.tensor_parallel_size, "pp": p.pipeline_parallel_size,
         "vllm": vllm.__version__, "device": f"{current_platform.device_type}:{device}",
@@ -185,7 +197,14 @@ class KVPoolConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.block_size = vllm_config.cache_config.block_size
         p = vllm_config.parallel_config
-        self.world_size = p.tensor_parallel_size * p.pipeline_parallel_size
+        if p.pipeline_parallel_size > 1:
+            # Stages run one after another within a step, so they cannot agree on a failed load before saving.
+            raise ValueError("the KV pool does not support pipeline parallelism yet: use tensor parallelism")
+        if vllm_config.scheduler_config.async_scheduling:
+            # With async scheduling a step is planned before the previous one reports a failed load, and could save
+            # KV computed on top of it: the engine must run with async_scheduling=False (engine_args does).
+            raise ValueError("the KV pool needs async_scheduling=False")
+        self.world_size = p.tensor_parallel_size
         self.num_blocks = kv_cache_config.num_blocks
         if role == KVConnectorRole.SCHEDULER:
             self.stores = EngineStores(extra["host_dir"], extra["disk_dir"],
@@ -194,11 +213,12 @@ class KVPoolConnector(KVConnectorBase_V1):
             # Plans of the steps whose output has not come back yet (vLLM reports a step's output only when it has
             # something to say: a failed load always does).
             self._step: dict[str, _StepPlan] = {}
+            self._kv_cache_manager: "KVCacheManager | None" = None
             self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-touch")
         else:
-            from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            rank = get_pp_group().rank_in_group * p.tensor_parallel_size + get_tensor_model_parallel_rank()
+            rank = get_tensor_model_parallel_rank()
             self.store = PoolStore(extra["host_dir"], extra["disk_dir"], layout_name(vllm_config, rank))
             self._layers: list[tuple[torch.Tensor, int]] = []  # (kv cache tensor, its block dimension)
             self._load_errors: set[int] = set()
@@ -278,29 +298,41 @@ class KVPoolConnector(KVConnectorBase_V1):
         if idx:
             meta.saves.append(BlockTransfer([block_ids[i] for i in idx], [st.keys[i] for i in idx]))
 
+    def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
+        self._kv_cache_manager = kv_cache_manager
+
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
         """After each step: if a load failed, no rank saved anything in that step (see wait_for_save), so every
         request of the step plans its saves again from where they began, or from where the request is recomputed;
+        the failed blocks and those after them leave vLLM's prefix cache (with the recompute policy vLLM keeps them
+        for the loader to recompute, but another request could hit them first, e.g. if the loader is preempted);
         and the failed tokens are no cache hit (vLLM counted them when it scheduled the load)."""
         step, self._step = self._step, {}
         failed = connector_output.invalid_block_ids
         if not failed:
             return
+        tainted: set[int] = set()
         for req_id, plan in step.items():
             st = self._reqs.get(req_id)
             if st is None:
                 continue
             lost = [i for i, b in enumerate(plan.load_block_ids) if b in failed]
             if lost:
-                st.saved_upto = min(st.saved_upto, plan.load_from + lost[0])
+                first = plan.load_from + lost[0]
+                st.saved_upto = min(st.saved_upto, first)
+                tainted.update(st.block_ids[first:])
                 stats = st.request.prefill_stats
-                if stats is not None:  # not yet reported: the request's first token is still to come
+                # Not yet reported (the first token is still to come), and counted at this admission (vLLM keeps
+                # the first admission's figures for a request resumed after a preemption).
+                if stats is not None and st.request.num_preemptions == 0:
                     n = min((len(plan.load_block_ids) - lost[0]) * self.block_size, stats.num_external_cached_tokens)
                     stats.num_external_cached_tokens -= n
                     stats.num_cached_tokens -= n
                     stats.num_computed_tokens += n
             if plan.save_from is not None:
                 st.saved_upto = min(st.saved_upto, plan.save_from)
+        if tainted and self._kv_cache_manager is not None:
+            self._kv_cache_manager.evict_blocks(tainted)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._reqs.pop(request.request_id, None)
@@ -310,6 +342,7 @@ class KVPoolConnector(KVConnectorBase_V1):
     # ================================ worker side ===================================================================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._layers, self._views = [], {}  # (again, if vLLM allocates the cache anew)
         for name in sorted(kv_caches):
             t = kv_caches[name]
             dims = [d for d, n in enumerate(t.shape) if n == self.num_blocks]
@@ -339,7 +372,11 @@ class KVPoolConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVPoolConnectorMetadata)
         failed = False
         for tr in meta.loads:
-            n = self._load(tr)
+            try:
+                n = self._load(tr)
+            except Exception:  # still a failed load: the other ranks wait for this rank's word below
+                logger.exception("loading %d pool blocks failed", len(tr.block_ids))
+                n = 0
             if n < len(tr.block_ids):
                 # Those blocks are recomputed by the engine (kv_load_failure_policy=recompute).
                 self._load_errors.update(tr.block_ids[n:])
@@ -347,12 +384,12 @@ class KVPoolConnector(KVConnectorBase_V1):
                 logger.warning("pool blocks missing or corrupt: recomputing %d of %d", len(tr.block_ids) - n,
                                len(tr.block_ids))
         if meta.loads and self.world_size > 1:
-            # Every rank has the same metadata, so all of them take part. With tensor or pipeline parallelism a
-            # failed load on one rank taints every rank's activations, hence every rank's new KV.
-            from vllm.distributed.parallel_state import get_world_group
+            # Every rank has the same metadata, so all of them take part. With tensor parallelism a failed load on
+            # one rank taints every rank's activations, hence every rank's new KV.
+            from vllm.distributed.parallel_state import get_tp_group
 
             flag = torch.tensor([int(failed)])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=get_world_group().cpu_group)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=get_tp_group().cpu_group)
             failed = bool(flag.item())
         self._step_load_failed = failed
 

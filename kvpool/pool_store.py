@@ -38,6 +38,7 @@ SUFFIX = ".arrow"
 TMP_SUFFIX = ".tmp"
 # A temporary file older than this belongs to a writer that died (a write takes milliseconds): scan() removes it.
 STALE_TMP_S = 300.0
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +206,13 @@ class PoolStore:
                 if length != sum(v.nbytes for v in dst):
                     return False
                 header = bytearray(offset)
-                if os.preadv(fd, [header, *dst], 0) != offset + length:
-                    return False
+                bufs, pos = [header, *dst], 0
+                for i in range(0, len(bufs), IOV_MAX):  # preadv takes at most IOV_MAX buffers a call
+                    chunk = bufs[i:i + IOV_MAX]
+                    n = sum(memoryview(b).nbytes for b in chunk)
+                    if os.preadv(fd, chunk, pos) != n:
+                        return False
+                    pos += n
             finally:
                 os.close(fd)
             meta = pa.ipc.read_schema(pa.py_buffer(memoryview(header)[8:])).metadata  # past the file magic

@@ -18,7 +18,8 @@ def test_serve_run_style_string_args_are_coerced():
 
 
 @pytest.mark.parametrize("bad", [{"num_replicas": 0}, {"block_size": 48}, {"block_size": 16, "device": "cpu"},
-                                 {"no_such_key": 1}, {"kv_cache_bytes": -1}, {"device": "tpu"}])
+                                 {"no_such_key": 1}, {"kv_cache_bytes": -1}, {"device": "tpu"},
+                                 {"pipeline_parallel_size": 2}])  # with the pool, which PP stages cannot keep right
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValidationError):
         KVPoolConfig.model_validate(bad)

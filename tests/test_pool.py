@@ -25,7 +25,7 @@ def engine(model_dir, pool_dirs=None, prefix_caching=True):
     kw = dict(model=str(model_dir), block_size=32, kv_cache_memory_bytes=16 << 20, enforce_eager=True,
               max_model_len=4096, dtype="float32", enable_prefix_caching=prefix_caching)
     if pool_dirs:
-        kw["kv_transfer_config"] = kv_transfer_config(*pool_dirs)
+        kw.update(kv_transfer_config=kv_transfer_config(*pool_dirs), async_scheduling=False)
     return LLM(**kw)
 
 

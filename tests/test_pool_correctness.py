@@ -27,7 +27,7 @@ def engine(model_dir, pool_dirs=None, prefix_caching=True, kv_bytes=16 << 20, ma
               max_model_len=max_model_len, dtype="float32", enable_prefix_caching=prefix_caching,
               disable_log_stats=False, **extra)
     if pool_dirs:
-        kw["kv_transfer_config"] = kv_transfer_config(*pool_dirs)
+        kw.update(kv_transfer_config=kv_transfer_config(*pool_dirs), async_scheduling=False)
     return LLM(**kw)
 
 

@@ -109,11 +109,12 @@ def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
     wait_live(url, 2)
     # The replica that computed this prompt dies; the prompt must then come from the pool, not be recomputed.
     msgs = [{"role": "user", "content": text(random.Random(5), 1200)}]
+    pooled_before = sum(stats(url)["pool_blocks_by_node"].values())  # earlier tests' blocks share this pool
     first = chat(url, msgs, max_tokens=1)
     victim, n_first = first.headers["x-kvpool-replica"], first.json()["usage"]["prompt_tokens"]
     # The pool writes in the background and its shard reports the blocks to the router after its next pass.
     deadline = time.time() + 10
-    while sum(stats(url)["pool_blocks_by_node"].values()) < n_first // TEST_BLOCK - 1:
+    while sum(stats(url)["pool_blocks_by_node"].values()) < pooled_before + n_first // TEST_BLOCK - 1:
         assert time.time() < deadline, stats(url)["pool_blocks_by_node"]
         time.sleep(0.2)
     handle = next(a for a in ray.util.list_named_actors(all_namespaces=True)
