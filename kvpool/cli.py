@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     transfer.add_argument("--repeats", type=int, default=5, help="rounds per batch size; the median is reported")
 
     default_trace = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "claude-code"
-    def replay_args(p: argparse.ArgumentParser) -> None:
+    def replay_args(p: argparse.ArgumentParser, duration: float = 0) -> None:
         p.add_argument("--trace", default=str(default_trace),
                        help="a trace file or folder: Claude Code transcripts, aiperf dataset.jsonl, Mooncake .jsonl,"
                             " SWE-agent .traj")
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="default: from the path's file or folder name, else claude-code")
         p.add_argument("--sessions", type=int, default=16,
                        help="sessions run at once (mooncake: the clients its requests are dealt to)")
-        p.add_argument("--duration", type=float, default=600, help="seconds")
+        p.add_argument("--duration", type=float, default=duration,
+                       help="seconds until the run stops (0: none, every turn of every session is served)")
         p.add_argument("--turns", type=int, default=0, help="at most this many turns per session (0: all)")
         p.add_argument("--max-context", type=int, default=7000, help="tokens; sessions are scaled to fit")
         p.add_argument("--max-output", type=int, default=64, help="cap on each turn's output tokens")
@@ -81,6 +83,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--router-port", type=int, default=5601)
         p.add_argument("--http-port", type=int, default=8000)
         p.add_argument("--json", action="store_true", help="no progress bar; print the result as one JSON line last")
+        p.add_argument("--pool-host-bytes", type=int, default=0,
+                       help="KV-Pool's host tier, on /dev/shm (compare: the +host peers get it as engine KV, the "
+                            "offloading peers as host memory); 0: as much as all replicas' engine KV")
+        p.add_argument("--pool-disk-bytes", type=int, default=0, help="KV-Pool's disk tier (0: none)")
+        p.add_argument("--pool-disk-dir", default="",
+                       help="where the disk tier lives, on a real disk; default: <KVPOOL_CACHE_DIR>/bench-disk")
 
     overload = bench.add_parser("overload", help="more requests at once than the server admits, memory sampled")
     overload.add_argument("--url", default="http://127.0.0.1:8000")
@@ -90,24 +98,34 @@ def main(argv: list[str] | None = None) -> None:
     overload.add_argument("--timeout", type=float, default=600, help="seconds, per request")
 
     soak = bench.add_parser("soak", help="KV-Pool under steady agent load for --duration, memory sampled")
-    replay_args(soak)
+    replay_args(soak, duration=600)
     deploy_args(soak)
     soak.add_argument("--window", type=float, default=300, help="seconds per stability window")
 
-    compare = sub.add_parser("compare", help="replay against no-cache, Ray Serve LLM (2 routers), KV-Pool")
+    compare = sub.add_parser("compare", help="the same replay against no caching, the peers and KV-Pool")
     replay_args(compare)
     deploy_args(compare)
     compare.add_argument("--configs", nargs="*", choices=CONFIGS, help="a subset, in this order")
+    compare.add_argument("--chaos", default="", metavar="kill-replica@T",
+                         help="kill one engine replica T seconds into each configuration's run")
     compare.add_argument("--smoke", action="store_true",
                          help="4 sessions, 3 turns, short contexts, --verify: for CI")
 
     args = parser.parse_args(argv)
+    if hasattr(args, "pool_host_bytes"):  # the benchmarks that deploy apps
+        args.pool_host_bytes = args.pool_host_bytes or args.kv_cache_bytes * args.replicas
+        if not args.pool_disk_dir:
+            from kvpool.model import cache_dir
+
+            args.pool_disk_dir = str(cache_dir() / "bench-disk")
     if args.cmd == "compare":
         from kvpool.bench.compare import run as compare_run
 
         if args.smoke:
-            args.sessions, args.turns, args.max_context, args.max_output, args.duration = 4, 3, 1500, 8, 300
+            args.sessions, args.turns, args.max_context, args.max_output, args.duration = 4, 3, 1500, 8, 0
             args.verify = True
+        if args.chaos and not re.fullmatch(r"kill-replica@\d+(\.\d+)?", args.chaos):
+            parser.error("--chaos takes kill-replica@SECONDS")
         result = compare_run(args)
         if args.json:
             print(json.dumps(result))

@@ -1,6 +1,6 @@
 """Agent workload traces as replayable sessions: each session a list of turns, each turn one request.
 
-Four formats (../shared/traces/README.md), chosen with `--trace-format` or detected from the path:
+Five formats (../shared/traces/README.md), chosen with `--trace-format` or detected from the path:
 
 claude-code  Claude Code transcripts: every assistant message (one API response, possibly spread over several
              lines that share a message id) becomes one request carrying the session's messages up to that point,
@@ -14,17 +14,22 @@ aiperf       aiperf agentic sessions (dataset.jsonl): lines grouped by `session_
 mooncake     Mooncake requests (one file; a folder means its conversation_trace.jsonl): no sessions, so request j
              goes to client j % `clients`, and each client is one closed-loop session with no think time: the
              requests keep their trace order, the trace's open-loop arrival times are not used.
+kv-cache-tester  Real Claude Code conversations as block hashes (trace_NNNN.json.gz, or a folder of them, read in
+             name order until `clients` sessions are there): each conversation a session of its requests, each
+             subagent in it a session of its own; `think_time` is the think time.
 
-claude-code and swe-agent turns are chat messages. aiperf and mooncake carry no text, only hash ids, each standing
-for a 512-token block (equal id, equal content): their turns are token-id prompts, described as pieces
-(content key, trace tokens) and made into token ids by `fit_tokens`, which draws each key's tokens from a generator
-seeded by the key. So equal ids give equal tokens across sessions, and every request of an aiperf session is an
-exact prefix of its next one (the previous output is drawn from a key of the session and turn). To fit a context,
-`fit_tokens` shrinks every block by one factor instead of cutting prompts.
+claude-code and swe-agent turns are chat messages. aiperf, mooncake and kv-cache-tester carry no text, only hash
+ids, each standing for a block of the trace's tokens (512 tokens; kv-cache-tester 64; equal id, equal content):
+their turns are token-id prompts, described as pieces (content key, trace tokens) and made into token ids by
+`fit_tokens`, which draws each key's tokens from a generator seeded by the key. So equal ids give equal tokens across
+sessions, and every request of an aiperf session is an exact prefix of its next one (the previous output is drawn
+from a key of the session and turn). To fit a context, `fit_tokens` shrinks every block by one factor instead of
+cutting prompts (down to one token per hash block).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -35,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("claude-code", "aiperf", "mooncake", "swe-agent")
+FORMATS = ("claude-code", "aiperf", "mooncake", "swe-agent", "kv-cache-tester")
 CHARS_PER_TOKEN = 3  # conservative for code and tool output, so scaled prompts fit the context
-BLOCK_TOKENS = 512  # tokens per hash id in the aiperf and Mooncake traces
-MIN_BLOCK_TOKENS = 32  # the KV block size: scaling stops there, and prompts still too long are cut
+BLOCK_TOKENS = 512  # tokens per hash id in the aiperf and Mooncake traces: the unit of fit_tokens' scale
+MIN_BLOCK_TOKENS = 1  # scaling stops at one token per 512-token block (each hash block keeps a token); longer cut
 FIRST_TOKEN_ID = 100  # synthetic prompts stay above the special and byte tokens
 DEFAULT_VOCAB_SIZE = 49152  # the embedded SmolLM2's tokenizer
 
@@ -63,14 +68,19 @@ def detect_format(path: Path) -> str:
     name = " ".join(path.parts[-2:]).lower()
     if path.suffix == ".traj" or "swe-agent" in name:
         return "swe-agent"
+    if name.endswith(".json.gz") or "kv-cache-tester" in name:
+        return "kv-cache-tester"
     return next((fmt for fmt in ("aiperf", "mooncake") if fmt in name), "claude-code")
 
 
 def read_sessions(path: Path, trace_format: str | None = None, clients: int = 16) -> list[Session]:
-    """The sessions of a trace in `trace_format` (None: detected from the path); `clients` is for mooncake."""
+    """The sessions of a trace in `trace_format` (None: detected from the path); `clients` is the sessions wanted
+    (mooncake deals its requests to that many; kv-cache-tester reads conversations until it has that many)."""
     trace_format = trace_format or detect_format(path)
     if trace_format == "mooncake":
         return read_mooncake(path, clients)
+    if trace_format == "kv-cache-tester":
+        return read_kv_cache_tester(path, clients)
     readers = {"claude-code": read_claude_code, "aiperf": read_aiperf, "swe-agent": read_swe_agent}
     return readers[trace_format](path)
 
@@ -169,12 +179,12 @@ def read_swe_agent(path: Path) -> list[Session]:
     return sorted(sessions, key=lambda s: -len(s.turns))
 
 
-def _hash_blocks(hash_ids: list[int], tokens: int) -> list[tuple[object, int]]:
+def _hash_blocks(hash_ids: list, tokens: int, block_tokens: int = BLOCK_TOKENS) -> list[tuple[object, int]]:
     """The pieces of `tokens` trace tokens spread over `hash_ids` blocks: all full but the last."""
     if not hash_ids:
         return []
-    last = tokens - BLOCK_TOKENS * (len(hash_ids) - 1)
-    return [(h, BLOCK_TOKENS) for h in hash_ids[:-1]] + [(hash_ids[-1], last)]
+    last = min(block_tokens, max(1, tokens - block_tokens * (len(hash_ids) - 1)))
+    return [(h, block_tokens) for h in hash_ids[:-1]] + [(hash_ids[-1], last)]
 
 
 def read_aiperf(path: Path) -> list[Session]:
@@ -207,6 +217,31 @@ def read_mooncake(path: Path, clients: int) -> list[Session]:
         row = json.loads(line)
         turn = Turn([], row["output_length"], 0.0, _hash_blocks(row["hash_ids"], row["input_length"]))
         sessions[j % clients].turns.append(turn)
+    return [s for s in sessions if s.turns]
+
+
+def read_kv_cache_tester(path: Path, sessions_wanted: int) -> list[Session]:
+    """kv-cache-tester conversations in name order, until `sessions_wanted` sessions are read (whole conversations:
+    a subagent is a session of its own, listed after its parent). Hash ids are local to their conversation."""
+    files = sorted(path.glob("trace_*.json.gz")) if path.is_dir() else [path]
+    sessions: list[Session] = []
+
+    def add(name: str, trace_id: str, block: int, requests: list[dict]) -> None:
+        session = Session(name)
+        sessions.append(session)
+        for r in requests:
+            if r.get("type") == "subagent":
+                add(f"{name}/{r.get('agent_id', len(sessions))}", trace_id, block, r["requests"])
+            elif r.get("hash_ids"):
+                blocks = _hash_blocks([(trace_id, h) for h in r["hash_ids"]], r["in"], block)
+                session.turns.append(Turn([], max(1, r["out"]), r.get("think_time") or 0.0, blocks))
+
+    for f in files:
+        if len(sessions) >= sessions_wanted:
+            break
+        with gzip.open(f) as fh:
+            trace = json.load(fh)
+        add(f.name.removesuffix(".json.gz"), trace["id"], trace["block_size"], trace["requests"])
     return [s for s in sessions if s.turns]
 
 

@@ -16,6 +16,7 @@ from kvpool.traces import (BLOCK_TOKENS, FIRST_TOKEN_ID, MIN_BLOCK_TOKENS, Sessi
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 AIPERF = TRACES / "aiperf-agentic" / "dataset.jsonl"
 MOONCAKE = TRACES / "mooncake" / "conversation_trace.jsonl"
+KV_CACHE_TESTER = TRACES / "kv-cache-tester"
 VOCAB = 49152
 
 
@@ -37,13 +38,15 @@ def assert_prefix_chains(sessions: list[Session]) -> None:
     (AIPERF, "aiperf"),
     (TRACES / "mooncake", "mooncake"),
     (TRACES / "mooncake" / "synthetic_trace.jsonl", "mooncake"),
+    (KV_CACHE_TESTER, "kv-cache-tester"),
+    (KV_CACHE_TESTER / "trace_0003.json.gz", "kv-cache-tester"),
     (Path("/somewhere/else"), "claude-code"),
 ])
 def test_format_is_detected_from_the_path(path, fmt):
     assert detect_format(path) == fmt
 
 
-@pytest.mark.parametrize("path", [TRACES / "claude-code", TRACES / "swe-agent", AIPERF, MOONCAKE])
+@pytest.mark.parametrize("path", [TRACES / "claude-code", TRACES / "swe-agent", AIPERF, MOONCAKE, KV_CACHE_TESTER])
 def test_every_reader_yields_sessions_with_turns(path):
     sessions = read_sessions(path, clients=4)
     assert sessions and all(s.turns for s in sessions)
@@ -99,8 +102,8 @@ def test_equal_hash_ids_give_equal_tokens_across_sessions(path):
                 sessions_of.setdefault(key, set()).add(s.name)
                 start += n
     assert any(len(names) > 1 for names in sessions_of.values())  # the sample does share blocks across sessions
-    firsts = {tuple(ids[:MIN_BLOCK_TOKENS]) for ids in tokens_of.values() if len(ids) >= MIN_BLOCK_TOKENS}
-    assert len(firsts) == sum(len(ids) >= MIN_BLOCK_TOKENS for ids in tokens_of.values())  # distinct keys differ
+    firsts = {tuple(ids[:8]) for ids in tokens_of.values() if len(ids) >= 8}
+    assert len(firsts) == sum(len(ids) >= 8 for ids in tokens_of.values())  # distinct keys differ
 
 
 def test_scaling_fits_max_context_and_keeps_prefixes():
@@ -122,12 +125,25 @@ def test_scaling_fits_max_context_and_keeps_prefixes():
 
 def test_prompts_too_long_at_the_smallest_scale_are_cut():
     raw = sample(AIPERF, 6, 8)
-    assert tokens_per_block(raw, 2500) == MIN_BLOCK_TOKENS
-    with pytest.warns(UserWarning, match="cut to 2500 tokens"):
-        sessions = fit_tokens(raw, 2500, VOCAB)
+    longest = max(len(t.blocks) for s in raw for t in s.turns)  # one token per hash block at the smallest scale
+    assert tokens_per_block(raw, longest - 1) == MIN_BLOCK_TOKENS
+    with pytest.warns(UserWarning, match=f"cut to {longest - 1} tokens"):
+        sessions = fit_tokens(raw, longest - 1, VOCAB)
     lengths = [len(t.prompt_ids) for s in sessions for t in s.turns]
-    assert len(lengths) == sum(len(s.turns) for s in raw) and max(lengths) == 2500
+    assert len(lengths) == sum(len(s.turns) for s in raw) and max(lengths) == longest - 1
     assert_prefix_chains(sessions)
+
+
+def test_kv_cache_tester_conversations_scale_into_a_small_context():
+    """Real Claude Code conversations of ~100K tokens, shrunk to 4K: every request still a prefix-sharing
+    extension of its session's previous one, subagents sessions of their own, and the reuse near the trace's."""
+    sessions = load_sessions(KV_CACHE_TESTER, 16, 4096, 64, trace_format="kv-cache-tester")
+    assert len(sessions) == 16 and any("/agent" in s.name for s in sessions)
+    assert all(len(t.prompt_ids) <= 4096 - 64 for s in sessions for t in s.turns)
+    bound = Bound(32)
+    turns = [t for s in sessions for t in s.turns]
+    cached = sum(bound.observe(t.prompt_ids) for t in turns)
+    assert cached / sum(len(t.prompt_ids) for t in turns) > 0.85  # the full traces' bound is 96%
 
 
 def test_load_sessions_fits_each_format():
@@ -150,7 +166,7 @@ def test_more_sessions_than_the_trace_are_distinct_agents():
 def test_bound_on_an_aiperf_sample_is_high():
     sessions = load_sessions(AIPERF, 8, 4096, 64, max_turns=8)
     bound = Bound(32)
-    cached = sum(bound.observe(t) for s in sessions for t in s.turns)
+    cached = sum(bound.observe(t.prompt_ids) for s in sessions for t in s.turns)
     assert cached / sum(len(t.prompt_ids) for s in sessions for t in s.turns) > 0.5
 
 
@@ -164,7 +180,19 @@ def test_plots_write_png_files(tmp_path):
     out = tmp_path / "run.json"
     runs = {"no-cache": records("a", 2.0), "kvpool": records("b", 0.5)}
     runs["kvpool"].append(Record("b", 5, 9.0, error="HTTP 500"))  # failed requests are left out of the curves
-    results = {name: summarize(recs, 10.0) for name, recs in runs.items()} | {"broken": {"error": "boom"}}
+    results = {name: summarize(recs, 10.0) for name, recs in runs.items()} | {"broken": {"error": "boom"},
+                                                                              "cuda": {"skipped": "needs CUDA"}}
     for path in (plot_turns(runs, out), plot_summaries(results, out)):
         assert path.parent == tmp_path and path.name.startswith("run-") and path.suffix == ".png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_bound_counts_every_block_an_earlier_prompt_computed():
+    """An engine computes (and caches) every full block of a prompt, the one holding its last token included, though
+    it never serves a whole prompt from cache: a bound that forgot that block sat below measured hit rates."""
+    bound = Bound(4)
+    assert bound.observe(list(range(8))) == 0  # 2 full blocks, computed
+    assert bound.observe(list(range(10))) == 8  # both served
+    assert bound.observe(list(range(10))) == 8  # never the whole prompt: its last token is computed
+    bound.completed(list(range(10)) + [7, 7, 7, 7, 7])  # the answer's tokens are computed and cached too
+    assert bound.observe(list(range(10)) + [7, 7, 7, 7, 7, 1]) == 12

@@ -1,14 +1,29 @@
 """`kvpool compare`: the same agent replay against each configuration in turn, on one machine, in one run.
 
-  no-cache        KV-Pool's app with vLLM prefix caching, prefix routing and the pool off: no reuse at all
-  rayllm-default  Ray Serve LLM `build_openai_app`, Serve's default (power-of-two) routing
-  rayllm-prefix   Ray Serve LLM with its PrefixCacheAffinityRouter
-  kvpool-router   KV-Pool, exact prefix routing, pool off
-  kvpool          KV-Pool complete (routing + shared pool)
+  no-cache            KV-Pool's app with vLLM prefix caching, prefix routing and the pool off: no reuse at all
+  rayllm-default      Ray Serve LLM `build_openai_app`, Serve's default (power-of-two) routing
+  rayllm-prefix       Ray Serve LLM with its PrefixCacheAffinityRouter
+  rayllm-prefix+host  the same with KV-Pool's host tier added to each replica's engine KV (equal total bytes)
+  kvpool-router       KV-Pool, exact prefix routing, pool off
+  kvpool              KV-Pool complete (routing + shared pool)
+  rayllm-offload      Ray Serve LLM + vLLM's own CPU-offloading connector, host bytes = KV-Pool's host tier (CUDA)
+  rayllm-lmcache      Ray Serve LLM + LMCache through kv_transfer_config, the same host bytes (CUDA, lmcache)
 
-Same model, replica count, KV memory per replica, sessions and trace for all. Each app is deployed, replayed, then
-deleted before the next starts, so they never share a core. `--out X.json` also writes X-turns.png (every
-configuration's turn curves) and X-summary.png (bars), see kvpool.bench.plots.
+Same model, replica count, block size, dtype, scheduler limits, sessions and trace for all. Memory, printed per
+configuration in the table: every configuration has `--kv-cache-bytes` of engine KV per replica (equal engine KV,
+a GPU's situation), except the `+host` ones, which have that plus KV-Pool's host tier per replica (equal total
+bytes). KV-Pool's host tier (`--pool-host-bytes`, default: as much as all replicas' engine KV) lives on /dev/shm;
+its disk tier (`--pool-disk-bytes`, default none) on a real disk (`--pool-disk-dir`), listed apart. A configuration
+this machine cannot run is listed as skipped with the reason.
+
+The workload is fixed: by default every configuration serves every turn of every session to the end, and the
+table compares the time to finish it (makespan_s), input tokens/s over it and percentiles over the same requests.
+With `--duration`, runs stop at a deadline and only the requests that every configuration completed count (the
+matched subset; the result says how many). `--chaos kill-replica@T` kills one engine replica T seconds into every
+configuration's run (Serve restarts it) and reports TTFT p90 and hit rate over the minute after it.
+
+Each app is deployed, replayed, then deleted before the next starts, so they never share a core. `--out X.json` also
+writes X-turns.png (every configuration's turn curves) and X-summary.png (bars), see kvpool.bench.plots.
 
 `--verify` (on with `--smoke`): every configuration's responses are checked against one no-cache reference computed
 after the last configuration (kvpool.bench.verify): `verified` responses, `mismatched` ones (output tokens differ,
@@ -27,48 +42,117 @@ from pathlib import Path
 
 from kvpool.traces import detect_format
 
-CONFIGS = ["no-cache", "rayllm-default", "rayllm-prefix", "kvpool-router", "kvpool"]
+CONFIGS = ["no-cache", "rayllm-default", "rayllm-prefix", "rayllm-prefix+host", "kvpool-router", "kvpool",
+           "rayllm-offload", "rayllm-lmcache"]
 METRICS = ["input_tok_s", "output_tok_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_mean_s",
-           "latency_p50_s", "latency_p90_s", "hit_rate", "bound_hit_rate", "errors", "requests", "wall_s"]
+           "latency_p50_s", "latency_p90_s", "hit_rate", "bound_hit_rate", "errors", "requests", "makespan_s"]
+MEMORY = ["engine_kv_bytes_per_replica", "host_tier_bytes", "disk_tier_bytes"]
 VERIFY_METRICS = ["verified", "mismatched", "logprob_max_abs_diff"]
 LOWER_IS_BETTER = {"ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_mean_s", "latency_p50_s", "latency_p90_s",
-                   "errors", "wall_s", "mismatched", "logprob_max_abs_diff"}
+                   "errors", "makespan_s", "mismatched", "logprob_max_abs_diff"}
+PEERS = ("rayllm-default", "rayllm-prefix", "rayllm-prefix+host", "rayllm-offload", "rayllm-lmcache")
+CHAOS_WINDOW_S = 60.0
 
 
-def _deploy(name: str, args, model_path: str, pool_root: str):
+def memory(name: str, args) -> dict[str, int]:
+    """The KV bytes a configuration has: engine KV per replica, host tier and disk tier (for the whole app)."""
+    engine = args.kv_cache_bytes + (args.pool_host_bytes // args.replicas if name.endswith("+host") else 0)
+    host = args.pool_host_bytes if name in ("kvpool", "rayllm-offload", "rayllm-lmcache") else 0
+    disk = args.pool_disk_bytes if name == "kvpool" else 0
+    return {"engine_kv_bytes_per_replica": engine, "host_tier_bytes": host, "disk_tier_bytes": disk}
+
+
+def skip_reason(name: str) -> str | None:
+    """Why this machine cannot run a configuration (None: it can)."""
+    import importlib.util
+
+    import torch
+
+    if name in ("rayllm-offload", "rayllm-lmcache") and not torch.cuda.is_available():
+        return "needs CUDA: the connector offloads GPU KV to host memory"
+    if name == "rayllm-lmcache" and importlib.util.find_spec("lmcache") is None:
+        return "lmcache is not installed (pip install lmcache)"
+    return None
+
+
+def scratch_dirs(args) -> tuple[str, str]:
+    """Fresh pool directories for one benchmark run: the host tier on /dev/shm, the disk tier on a real disk. A run
+    never starts from an earlier run's pool."""
+    Path(args.pool_disk_dir).mkdir(parents=True, exist_ok=True)
+    host = tempfile.mkdtemp(prefix="kvpool-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    return host, tempfile.mkdtemp(prefix="kvpool-bench-", dir=args.pool_disk_dir)
+
+
+def _deploy(name: str, args, model_path: str, pool_dirs: tuple[str, str]):
     from ray import serve
 
     from actors.engine import engine_env
     from app.builder import build_app
     from kvpool.config import KVPoolConfig
 
+    mem = memory(name, args)
     cfg = KVPoolConfig(model=model_path, served_model_name="model", num_replicas=args.replicas,
-                       max_model_len=args.max_model_len, kv_cache_bytes=args.kv_cache_bytes, block_size=32,
-                       enable_prefix_caching=name != "no-cache", prefix_routing=name.startswith("kvpool"),
+                       max_model_len=args.max_model_len, kv_cache_bytes=mem["engine_kv_bytes_per_replica"],
+                       block_size=32, enable_prefix_caching=name != "no-cache", prefix_routing=name.startswith("kvpool"),
                        pool_enabled=name == "kvpool", router_port=args.router_port,
-                       pool_host_dir=f"{pool_root}/host", pool_disk_dir=f"{pool_root}/disk")
+                       pool_host_dir=f"{pool_dirs[0]}/{name}", pool_disk_dir=f"{pool_dirs[1]}/{name}",
+                       pool_host_bytes=mem["host_tier_bytes"], pool_disk_bytes=mem["disk_tier_bytes"])
     if name.startswith("rayllm"):
         from ray.serve.llm import LLMConfig, build_openai_app
 
         deployment = {"num_replicas": args.replicas, "max_ongoing_requests": cfg.max_ongoing_requests}
-        if name == "rayllm-prefix":
+        if "prefix" in name:
             deployment["request_router_config"] = {
                 "request_router_class": "ray.serve.llm.request_router:PrefixCacheAffinityRouter"}
+        engine_kwargs = dict(block_size=32, kv_cache_memory_bytes=cfg.kv_cache_bytes, enforce_eager=True,
+                             max_model_len=args.max_model_len, dtype=cfg.resolved_dtype(),
+                             enable_prefix_caching=True, enable_prompt_tokens_details=True,
+                             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
+        env = engine_env(cfg)
+        if name == "rayllm-offload":
+            engine_kwargs["kv_transfer_config"] = {
+                "kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                "kv_connector_extra_config": {"cpu_bytes_to_use": mem["host_tier_bytes"] // args.replicas}}
+        elif name == "rayllm-lmcache":
+            engine_kwargs["kv_transfer_config"] = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+            env["LMCACHE_LOCAL_CPU"] = "True"
+            env["LMCACHE_MAX_LOCAL_CPU_SIZE"] = str(mem["host_tier_bytes"] / args.replicas / (1 << 30))  # GiB
         llm = LLMConfig(
             model_loading_config={"model_id": "model", "model_source": model_path},
-            accelerator_config={"kind": "cpu"},
-            engine_kwargs=dict(block_size=32, kv_cache_memory_bytes=args.kv_cache_bytes, enforce_eager=True,
-                               max_model_len=args.max_model_len, dtype=cfg.resolved_dtype(),
-                               enable_prefix_caching=True, enable_prompt_tokens_details=True,
-                               max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens),
+            accelerator_config={"kind": "cpu"} if cfg.resolved_device() == "cpu" else {},
+            engine_kwargs=engine_kwargs,
             deployment_config=deployment,
-            runtime_env={"env_vars": engine_env(cfg)},
+            runtime_env={"env_vars": env},
         )
         app = build_openai_app({"llm_configs": [llm]})
     else:
         app = build_app(cfg)
     serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
     return f"http://127.0.0.1:{args.http_port}/{name}"
+
+
+def matched_subset(runs: dict[str, list]) -> dict[str, list]:
+    """Per configuration, its completed records of the requests (session, turn) that every configuration completed."""
+    def done(records: list) -> dict:
+        return {(r.session, r.turn): r for r in records if r.error is None and r.latency_s is not None}
+
+    completed = {name: done(records) for name, records in runs.items()}
+    keys = set.intersection(*(set(c) for c in completed.values()))
+    return {name: [c[k] for k in sorted(keys)] for name, c in completed.items()}
+
+
+def kill_one_engine_replica(app_name: str) -> str:
+    """Kill one engine replica of a Serve application (Serve starts a new one); returns its actor name."""
+    import ray
+    from ray.util.state import list_actors
+
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    names = sorted(a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                   if a.name and a.name.startswith(prefix) and "ingress" not in a.name.lower())
+    if not names:
+        raise RuntimeError(f"no engine replica of {app_name} to kill")
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
+    return names[0]
 
 
 def _wait_ready(url: str, timeout: float = 600) -> float:
@@ -89,15 +173,19 @@ def _wait_ready(url: str, timeout: float = 600) -> float:
 
 def table(results: dict[str, dict]) -> str:
     base = results.get("no-cache")
-    peers = [results[p] for p in ("rayllm-default", "rayllm-prefix") if p in results]
+    peers = [results[p] for p in PEERS if p in results]
     lines = ["| metric | " + " | ".join(results) + " | kvpool vs no-cache | kvpool vs best peer |",
              "|---" * (len(results) + 3) + "|"]
     verified = any("verified" in r for r in results.values())
-    for m in METRICS + VERIFY_METRICS if verified else METRICS:
-        row = [str(results[c].get(m)) for c in results]
+    for m in MEMORY + METRICS + (VERIFY_METRICS if verified else []) + ["skipped"]:
+        row = [str(results[c].get(m, "")) for c in results]
+        if m == "skipped":
+            if any(row):
+                lines.append("| skipped | " + " | ".join(row) + " | | |")
+            continue
         ours = results.get("kvpool", {}).get(m)
         vs_base = vs_peer = ""
-        if isinstance(ours, (int, float)) and ours:
+        if m not in MEMORY and isinstance(ours, (int, float)) and ours:
             if base and isinstance(base.get(m), (int, float)) and base[m]:
                 vs_base = f"{ours / base[m]:.2f}x"
             vals = [p[m] for p in peers if isinstance(p.get(m), (int, float)) and p[m]]
@@ -124,38 +212,68 @@ def run(args) -> dict:
     sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns,
                              args.trace_format, vocab_size=len(renderer.tokenizer))
     configs = args.configs or CONFIGS
+    chaos_at = float(args.chaos.split("@")[1]) if args.chaos else None
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
     results: dict[str, dict] = {}
     records: dict[str, list] = {}  # per configuration, for the plots and the --out file
-    pool_root = tempfile.mkdtemp(prefix="kvpool-compare-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    pool_dirs = scratch_dirs(args)
+
+    async def replay_with_chaos(name: str, url: str):
+        run = asyncio.create_task(replay(url, sessions, args.duration, args.turns, args.think_scale,
+                                         args.max_output, Bound(32, renderer), progress=not args.json,
+                                         verify=args.verify))
+        if chaos_at is not None:
+            done, _ = await asyncio.wait([run], timeout=chaos_at)
+            if not done:
+                await asyncio.get_running_loop().run_in_executor(None, kill_one_engine_replica, name)
+        return await run
+
     try:
         for name in configs:
-            url = _deploy(name, args, model_path, f"{pool_root}/{name}")
+            results[name] = memory(name, args)
+            if reason := skip_reason(name):
+                results[name]["skipped"] = reason
+                continue
+            url = _deploy(name, args, model_path, pool_dirs)
             try:
                 startup = _wait_ready(url)
-                records[name], wall = asyncio.run(replay(url, sessions, args.duration, args.turns, args.think_scale,
-                                                         args.max_output, Bound(32, renderer),
-                                                         progress=not args.json, verify=args.verify))
-                results[name] = {"startup_s": round(startup, 1), **summarize(records[name], wall)}
+                records[name], makespan = asyncio.run(replay_with_chaos(name, url))
+                results[name].update(startup_s=round(startup, 1), **summarize(records[name], makespan))
+                if chaos_at is not None:
+                    after = [r for r in records[name] if chaos_at <= r.sent_at < chaos_at + CHAOS_WINDOW_S]
+                    window = summarize(after, CHAOS_WINDOW_S)
+                    results[name]["after_chaos"] = {k: window[k] for k in ("requests", "errors", "ttft_p90_s",
+                                                                            "hit_rate")}
             except Exception as e:  # one configuration failing must not lose the others' numbers
-                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                results[name]["error"] = f"{type(e).__name__}: {e}"
             finally:
                 serve.delete(name)
                 time.sleep(5)  # let the engines' processes exit before the next configuration starts
     finally:
-        shutil.rmtree(pool_root, ignore_errors=True)
+        for d in pool_dirs:
+            shutil.rmtree(d, ignore_errors=True)
         serve.shutdown()
         ray.shutdown()
+    replayed = {name: recs for name, recs in records.items() if "error" not in results[name]}
+    matched = None
+    if args.duration and replayed:
+        # Runs that stopped at a deadline served different work: compare over what every configuration completed.
+        subsets = matched_subset(replayed)
+        matched = len(next(iter(subsets.values())))
+        for name, subset in subsets.items():
+            makespan = max((r.sent_at + r.latency_s for r in subset), default=0.0)
+            results[name].update(summarize(subset, makespan) if subset else {"requests": 0})
     if args.verify:
         from kvpool.bench.verify import verify_runs
 
-        replayed = {name: recs for name, recs in records.items() if "error" not in results[name]}
         for name, summary in verify_runs(model_path, replayed, args.max_model_len, args.verify_tolerance,
                                          args.kv_cache_bytes, progress=not args.json).items():
             results[name].update(summary)
     out = {"bench": "compare", "model": args.model or "SmolLM2-135M-Instruct", "replicas": args.replicas,
-           "kv_cache_bytes_per_replica": args.kv_cache_bytes, "sessions": args.sessions, "duration_s": args.duration,
+           "kv_cache_bytes_per_replica": args.kv_cache_bytes, "pool_host_bytes": args.pool_host_bytes,
+           "pool_disk_bytes": args.pool_disk_bytes, "sessions": args.sessions, "turns": args.turns or "all",
+           "duration_s": args.duration or None, "matched_subset_requests": matched, "chaos": args.chaos,
            "max_context": args.max_context, "trace": args.trace,
            "trace_format": args.trace_format or detect_format(Path(args.trace)), "results": results}
     if args.out:
@@ -167,5 +285,8 @@ def run(args) -> dict:
         plot_turns(records, path)
         plot_summaries(results, path)
     if not args.json:
+        if matched is not None:
+            print(f"Runs stopped at {args.duration:g} s: figures over the {matched} requests every configuration "
+                  "completed (the matched subset).")
         print(table(results))
     return out

@@ -55,8 +55,8 @@ def plot_turns(runs: dict[str, list[Record]], out: Path) -> Path:
 
 
 def plot_summaries(results: dict[str, dict], out: Path) -> Path:
-    """Bars per configuration from `summarize` results; configurations that failed are left out."""
-    results = {name: r for name, r in results.items() if "error" not in r}
+    """Bars per configuration from `summarize` results; configurations that failed or were skipped are left out."""
+    results = {name: r for name, r in results.items() if "error" not in r and "skipped" not in r}
     names = list(results)
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 3, figsize=(max(9.0, 2.4 * len(names)), 4))

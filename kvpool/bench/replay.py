@@ -1,12 +1,13 @@
 """`kvpool bench replay`: replays agent sessions against any OpenAI-compatible endpoint, closed loop.
 
 The trace is in any format of kvpool.traces: chat turns go to /v1/chat/completions, token-id turns (aiperf,
-Mooncake) to /v1/completions with the token ids as the prompt. `--sessions` sessions run at once; each sends its
-next turn when the previous answer has completed and the trace's think time (times `--think-scale`) has passed,
-until its turns or `--duration` run out. Every request streams, so TTFT is measured; usage gives prompt and cached
-tokens. The run also computes its own infinite-cache bound: for each request, in send order, the longest
-block-aligned prefix of its token ids that an earlier request already had (the hit rate a perfect, infinitely
-large, shared cache would reach on exactly this run). A progress bar on stderr follows the run; `--out X.json`
+Mooncake, kv-cache-tester) to /v1/completions with the token ids as the prompt. `--sessions` sessions run at once;
+each sends its next turn when the previous answer has completed and the trace's think time (times `--think-scale`)
+has passed, until its turns run out (or `--duration`, if given). Every request streams, so TTFT is measured; usage
+gives prompt and cached tokens. The run also computes its own infinite-cache bound: for each request, in send
+order, the longest block-aligned prefix of its token ids (before its last token) that earlier requests computed:
+their prompts' full blocks and, with `--verify` (where output token ids are known), the blocks their answers
+completed (the hit rate a perfect, infinitely large, shared cache would reach on exactly this run). A progress bar on stderr follows the run; `--out X.json`
 keeps every request's record there and plots them in X-turns.png. `--verify` also asks for every output token's id
 and logprob and checks them against a reference computed with no cache at all (kvpool.bench.verify).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -94,13 +96,22 @@ class Bound:
         return turn.prompt_ids if turn.prompt_ids is not None else self.renderer.chat(turn.messages)
 
     def observe(self, ids: list[int]) -> int:
-        """The cached tokens a perfect cache would give a prompt of these token ids, after all earlier ones."""
-        hashes = block_hashes(ids[:-1], self.block_size).tolist()
+        """The cached tokens a perfect cache would give a prompt of these token ids, after all earlier ones: the
+        blocks before its last token that earlier prompts computed. A prompt computes all its full blocks, the one
+        holding its last token included."""
+        hashes = block_hashes(ids, self.block_size).tolist()
+        usable = (len(ids) - 1) // self.block_size
         hit = 0
-        while hit < len(hashes) and hashes[hit] in self.seen:
+        while hit < usable and hashes[hit] in self.seen:
             hit += 1
         self.seen.update(hashes)
         return hit * self.block_size
+
+    def completed(self, ids: list[int]) -> None:
+        """A request finished having computed these tokens (its prompt and all but its last output token): an
+        engine caches their full blocks too, and a later prompt may share them where the model's answer matches
+        the trace's next message."""
+        self.seen.update(block_hashes(ids, self.block_size).tolist())
 
 
 def _output_tokens(choice: dict, chat: bool) -> list[tuple[int, float]]:
@@ -168,7 +179,7 @@ async def replay(url: str, sessions: list[Session], duration_s: float, max_turns
         model = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
         records: list[Record] = []
         start = time.perf_counter()
-        deadline = start + duration_s
+        deadline = start + duration_s if duration_s > 0 else math.inf  # none: the workload is fixed
 
         async def run_session(s: Session) -> None:
             async with slots:
@@ -188,9 +199,12 @@ async def replay(url: str, sessions: list[Session], duration_s: float, max_turns
                     rec.prompt_ids = ids
                 records.append(rec)
                 await _send(client, url, model, turn, rec, verify)
+                if rec.output_ids:  # known with --verify; without it the bound counts prompts only
+                    bound.completed(ids + rec.output_ids[:-1])
 
-        # With --turns the work is known, so the bar counts turns; otherwise it counts seconds up to --duration.
-        turns_total = sum(len(s.turns[:max_turns]) for s in sessions) if max_turns else 0
+        # Without a deadline the work is known, so the bar counts turns; otherwise seconds up to --duration.
+        turns_total = 0 if duration_s > 0 else sum(len(s.turns[:max_turns] if max_turns else s.turns)
+                                                   for s in sessions)
         bar = tqdm(total=turns_total or int(duration_s), unit="turn", file=sys.stderr, disable=not progress,
                    dynamic_ncols=True, bar_format=None if turns_total else "{l_bar}{bar}| {n}/{total} s{postfix}")
 
@@ -217,7 +231,8 @@ async def replay(url: str, sessions: list[Session], duration_s: float, max_turns
         return records, time.perf_counter() - start
 
 
-def summarize(records: list[Record], wall_s: float) -> dict:
+def summarize(records: list[Record], makespan_s: float) -> dict:
+    """Figures over the completed records; `makespan_s`: the time the run took to finish them."""
     ok = [r for r in records if r.error is None and r.latency_s is not None]
     prompt = sum(r.prompt_tokens for r in ok)
     ttft = np.array([r.ttft_s for r in ok]) if ok else np.array([np.nan])
@@ -226,9 +241,9 @@ def summarize(records: list[Record], wall_s: float) -> dict:
     pct = lambda a, q: round(float(np.percentile(a, q)), 3)  # noqa: E731
     hit = sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0
     return {
-        "requests": len(ok), "errors": len(records) - len(ok), "wall_s": round(wall_s, 1),
-        "input_tokens": prompt, "input_tok_s": round(prompt / wall_s, 1),
-        "output_tok_s": round(sum(r.completion_tokens for r in ok) / wall_s, 2),
+        "requests": len(ok), "errors": len(records) - len(ok), "makespan_s": round(makespan_s, 1),
+        "input_tokens": prompt, "input_tok_s": round(prompt / makespan_s, 1),
+        "output_tok_s": round(sum(r.completion_tokens for r in ok) / makespan_s, 2),
         "ttft_p50_s": pct(ttft, 50), "ttft_p90_s": pct(ttft, 90), "ttft_p99_s": pct(ttft, 99),
         "latency_mean_s": round(float(lat.mean()), 3), "latency_p50_s": pct(lat, 50), "latency_p90_s": pct(lat, 90),
         "hit_rate": round(hit, 4), "bound_hit_rate": round(bound / prompt, 4) if prompt else 0.0,

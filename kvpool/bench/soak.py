@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ def run(args) -> dict:
     import ray
     from ray import serve
 
-    from kvpool.bench.compare import _deploy, _wait_ready
+    from kvpool.bench.compare import _deploy, _wait_ready, scratch_dirs
     from kvpool.bench.replay import Bound, load_sessions, replay, summarize
     from kvpool.model import resolve_model
     from kvpool.prompt import PromptRenderer
@@ -57,9 +56,9 @@ def run(args) -> dict:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
     samples: list[tuple[float, int]] = []
-    pool_root = tempfile.mkdtemp(prefix="kvpool-soak-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    pool_dirs = scratch_dirs(args)
     try:
-        url = _deploy("kvpool", args, model_path, pool_root)
+        url = _deploy("kvpool", args, model_path, pool_dirs)
         _wait_ready(url)
 
         async def soak():
@@ -76,7 +75,8 @@ def run(args) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-        shutil.rmtree(pool_root, ignore_errors=True)
+        for d in pool_dirs:
+            shutil.rmtree(d, ignore_errors=True)
     mem = np.array([m for _, m in samples], dtype=np.float64) / 2**20
     settled = mem[len(mem) // 6:] if len(mem) > 6 else mem  # after start-up and the first sessions' growth
     hours = (samples[-1][0] - samples[len(mem) // 6][0]) / 3600 if len(samples) > 6 else 0
