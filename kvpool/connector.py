@@ -210,8 +210,8 @@ class KVPoolConnector(KVConnectorBase_V1):
             self.stores = EngineStores(extra["host_dir"], extra["disk_dir"],
                                        [layout_name(vllm_config, r) for r in range(self.world_size)])
             self._reqs: dict[str, _RequestState] = {}
-            # Plans of the steps whose output has not come back yet (vLLM reports a step's output only when it has
-            # something to say: a failed load always does).
+            # Plans of the step whose output has not come back yet (vLLM calls update_connector_output after each
+            # step, before planning the next: async scheduling is refused above).
             self._step: dict[str, _StepPlan] = {}
             self._kv_cache_manager: "KVCacheManager | None" = None
             self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-touch")
