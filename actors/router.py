@@ -17,7 +17,6 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -27,7 +26,7 @@ import zmq.asyncio
 from kvpool.config import KVPoolConfig
 from kvpool.events import decode_message
 from kvpool.index import PrefixIndex
-from kvpool.routing import Decision, PoolOffer, ReplicaLoad, choose
+from kvpool.routing import Decision, LoadBook, PoolOffer, ReplicaLoad, choose
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +43,6 @@ def get_or_create_router(cfg: KVPoolConfig, app_name: str):
         name=router_name(app_name), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1, max_task_retries=0,
         num_cpus=0, max_concurrency=1000,
     ).remote(cfg)
-
-
-@dataclass
-class _InFlight:
-    replica: str
-    prompt_tokens: int
-    uncached_tokens: int
-    predicted_cached_tokens: int
-    started: bool = False
 
 
 class _Metrics:
@@ -78,9 +68,8 @@ class RouterActor:
     def __init__(self, cfg: KVPoolConfig):
         self.cfg = cfg
         self.index = PrefixIndex(cfg.block_size)
-        self.loads: dict[str, ReplicaLoad] = {}
+        self.book = LoadBook()
         self.live: list[str] = []
-        self.inflight: dict[str, _InFlight] = {}
         self.last_seq: dict[str, int] = {}
         self.reasons: Counter = Counter()
         self.per_replica: dict[str, Counter] = {}
@@ -137,7 +126,7 @@ class RouterActor:
 
     def _drop(self, replica: str) -> None:
         self.index.remove_replica(replica)
-        self.loads.pop(replica, None)
+        self.book.drop_replica(replica)
         self.last_seq.pop(replica, None)
         self.actors.pop(replica, None)
         self.node_of.pop(replica, None)
@@ -233,7 +222,7 @@ class RouterActor:
     async def set_replicas(self, replicas: list[str]) -> None:
         """Serve's current replica list: replicas that left are dropped from the index and the queues."""
         self._ensure_consumer()
-        for gone in (set(self.index.replicas()) | set(self.loads) | set(self.actors)) - set(replicas):
+        for gone in (set(self.index.replicas()) | set(self.book.loads) | set(self.actors)) - set(replicas):
             self._drop(gone)
         self.live = list(replicas)
 
@@ -249,44 +238,34 @@ class RouterActor:
         matched = self.index.match(hashes, self.live)
         cached = {r: min(n * bs, max_cached) for r, n in matched.items()}
         offers = self._pool_offers(pool_keys, max_cached) if pool_keys else None
-        d = choose(prompt_tokens, cached, self.loads, self.cfg.route_running_cost_tokens, offers,
+        d = choose(prompt_tokens, cached, self.book.loads, self.cfg.route_running_cost_tokens, offers,
                    self.cfg.route_pool_load_cost, self.cfg.route_pool_fetch_cost)
         if d.fetch:  # the ingress has the chosen replica's pool shard fetch these blocks first
             d.fetch.target_node, d.fetch.layouts = self.node_of.get(d.replica, ""), self.layouts
-        load = self.loads.setdefault(d.replica, ReplicaLoad())
-        uncached = prompt_tokens - d.predicted_cached_tokens
-        load.queued_prefill_tokens += uncached
-        load.running += 1
-        self.inflight[request_id] = _InFlight(d.replica, prompt_tokens, uncached, d.predicted_cached_tokens)
+        self.book.charge(request_id, d.replica, prompt_tokens, d.predicted_cached_tokens)
         self.reasons[d.reason] += 1
         self.metrics.decisions.inc(tags={"reason": d.reason})
         self._publish_load(d.replica)
         return d
 
-    async def started(self, request_id: str) -> None:
-        """The request produced its first token: its prefill no longer queues."""
-        f = self.inflight.get(request_id)
-        if f is not None and not f.started:
-            f.started = True
-            load = self.loads.get(f.replica)
-            if load:
-                load.queued_prefill_tokens -= f.uncached_tokens
-                self._publish_load(f.replica)
+    async def started(self, request_id: str, served_by: str | None = None) -> None:
+        """The request produced its first chunk, on replica `served_by`: its prefill no longer queues."""
+        for replica in self.book.started(request_id, served_by):
+            self._publish_load(replica)
 
     async def finished(self, request_id: str, delivered_cached_tokens: int | None) -> None:
         """The request ended; `delivered_cached_tokens` is what the engine reported (None: it failed)."""
-        await self.started(request_id)
-        f = self.inflight.pop(request_id, None)
+        for replica in self.book.started(request_id):
+            self._publish_load(replica)
+        f = self.book.finished(request_id)
         if f is None:
             return
-        load = self.loads.get(f.replica)
-        if load:
-            load.running -= 1
-            self._publish_load(f.replica)
+        self._publish_load(f.replica)
         if delivered_cached_tokens is None:
             return
         c = self.per_replica.setdefault(f.replica, Counter())
         c["requests"] += 1
+        c["rerouted"] += int(f.rerouted)
         c["prompt_tokens"] += f.prompt_tokens
         c["cached_tokens"] += delivered_cached_tokens
         c["predicted_cached_tokens"] += f.predicted_cached_tokens
@@ -300,7 +279,7 @@ class RouterActor:
             self.metrics.predicted.inc(f.predicted_cached_tokens, tags=tags)
 
     def _publish_load(self, replica: str) -> None:
-        load = self.loads.get(replica) or ReplicaLoad()
+        load = self.book.loads.get(replica) or ReplicaLoad()
         self.metrics.queued.set(load.queued_prefill_tokens, tags={"replica": replica})
         self.metrics.running.set(load.running, tags={"replica": replica})
 
@@ -309,7 +288,7 @@ class RouterActor:
         replicas = {}
         for r in sorted(set(self.live) | set(self.index.replicas()) | set(self.per_replica)):
             c = self.per_replica.get(r, Counter())
-            load = self.loads.get(r) or ReplicaLoad()
+            load = self.book.loads.get(r) or ReplicaLoad()
             self.metrics.blocks.set(self.index.num_blocks(r), tags={"replica": r})
             replicas[r] = {
                 "live": r in self.live,
@@ -318,6 +297,7 @@ class RouterActor:
                 "queued_prefill_tokens": load.queued_prefill_tokens,
                 "running": load.running,
                 "requests": c["requests"],
+                "rerouted_here": c["rerouted"],  # Serve sent them here although the router chose another replica
                 "prompt_tokens": c["prompt_tokens"],
                 "cached_tokens": c["cached_tokens"],
                 "hit_rate": round(c["cached_tokens"] / c["prompt_tokens"], 4) if c["prompt_tokens"] else None,

@@ -27,6 +27,68 @@ class ReplicaLoad:
 
 
 @dataclass
+class InFlight:
+    replica: str  # the replica charged: the router's choice until the serving replica is known
+    prompt_tokens: int
+    uncached_tokens: int
+    predicted_cached_tokens: int
+    started: bool = False
+    rerouted: bool = False  # Serve sent it to another replica than the router chose (that one was full or slow)
+
+
+class LoadBook:
+    """Each replica's queued prefill and running requests, charged to the replica that actually serves.
+
+    The router charges its choice when it decides; Serve may still send the request elsewhere (the chosen replica at
+    max_ongoing_requests, or its queue-length probe late), so the first chunk names the serving replica and the
+    charge moves there. Invariant: a replica's `running` is the number of in-flight entries charged to it, and its
+    `queued_prefill_tokens` the sum of their uncached tokens not started yet.
+    """
+
+    def __init__(self):
+        self.loads: dict[str, ReplicaLoad] = {}
+        self.inflight: dict[str, InFlight] = {}
+
+    def charge(self, request_id: str, replica: str, prompt_tokens: int, predicted_cached_tokens: int) -> None:
+        uncached = prompt_tokens - predicted_cached_tokens
+        load = self.loads.setdefault(replica, ReplicaLoad())
+        load.queued_prefill_tokens += uncached
+        load.running += 1
+        self.inflight[request_id] = InFlight(replica, prompt_tokens, uncached, predicted_cached_tokens)
+
+    def started(self, request_id: str, served_by: str | None = None) -> set[str]:
+        """The request's first chunk came from `served_by`: its prefill no longer queues, and it runs there.
+        Returns the replicas whose load changed."""
+        f = self.inflight.get(request_id)
+        if f is None or f.started:
+            return set()
+        f.started = True
+        changed = {f.replica}
+        load = self.loads.get(f.replica)  # None: the replica was dropped, and its load with it
+        if load:
+            load.queued_prefill_tokens -= f.uncached_tokens
+        if served_by and served_by != f.replica:
+            if load:
+                load.running -= 1
+            self.loads.setdefault(served_by, ReplicaLoad()).running += 1
+            f.replica, f.rerouted = served_by, True
+            changed.add(served_by)
+        return changed
+
+    def finished(self, request_id: str) -> InFlight | None:
+        """The request ended: it leaves its replica's load. Returns its entry (None if unknown)."""
+        self.started(request_id)
+        f = self.inflight.pop(request_id, None)
+        if f is not None and f.replica in self.loads:
+            self.loads[f.replica].running -= 1
+        return f
+
+    def drop_replica(self, replica: str) -> None:
+        """A dead replica's load goes; its requests' entries stay until they finish (they fail or are retried)."""
+        self.loads.pop(replica, None)
+
+
+@dataclass
 class PoolOffer:
     """What the shared pool offers one replica: the prompt's leading tokens in the pool of the replica's own node,
     and the longest leading run some other node's pool holds."""

@@ -8,7 +8,7 @@ import pytest
 from kvpool.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_message, encode_message
 from kvpool.hashing import block_hashes, chain_seed, prefix_sums
 from kvpool.index import PrefixIndex
-from kvpool.routing import Fetch, PoolOffer, ReplicaLoad, choose
+from kvpool.routing import Fetch, LoadBook, PoolOffer, ReplicaLoad, choose
 
 BS = 32
 
@@ -170,3 +170,29 @@ def test_pool_on_another_node_is_fetched_first():
 def test_no_candidates_is_an_error():
     with pytest.raises(ValueError):
         choose(10, {}, {}, 64)
+
+
+# --- load accounting -------------------------------------------------------------------------------------------
+
+
+def test_load_moves_to_the_replica_that_serves():
+    """Serve may send a request elsewhere than the router chose (the chosen replica full or its probe late): the
+    charge follows the first chunk's replica, so queues stay true on both."""
+    book = LoadBook()
+    book.charge("r1", "A", prompt_tokens=1_000, predicted_cached_tokens=600)
+    book.charge("r2", "A", prompt_tokens=500, predicted_cached_tokens=0)
+    assert book.loads["A"] == ReplicaLoad(queued_prefill_tokens=900, running=2)
+    assert book.started("r1", served_by="B") == {"A", "B"}
+    assert book.loads["A"] == ReplicaLoad(queued_prefill_tokens=500, running=1)
+    assert book.loads["B"] == ReplicaLoad(queued_prefill_tokens=0, running=1)
+    assert book.finished("r1").replica == "B" and book.loads["B"].running == 0
+    assert book.finished("r2").replica == "A" and book.loads["A"] == ReplicaLoad()
+    assert book.finished("r2") is None and not book.inflight
+
+
+def test_a_dropped_replica_leaves_no_negative_load():
+    book = LoadBook()
+    book.charge("r1", "A", prompt_tokens=100, predicted_cached_tokens=0)
+    book.drop_replica("A")
+    book.finished("r1")
+    assert "A" not in book.loads and not book.inflight
