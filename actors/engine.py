@@ -37,6 +37,8 @@ class GenerateChunk:
     # When the sampling parameters ask for logprobs: per new token, vLLM's {token id: Logprob} of the sampled token
     # (first) and the top ones.
     logprobs: list[dict[int, Any]] | None = None
+    # On the first chunk: the replica that serves the request (Serve may have sent it elsewhere than routed).
+    replica: str | None = None
 
 
 def engine_env(cfg: KVPoolConfig) -> dict[str, str]:
@@ -123,6 +125,7 @@ class EngineReplica:
         prompt = TokensPrompt(prompt_token_ids=req.prompt_token_ids)
         if req.cache_salt:
             prompt["cache_salt"] = req.cache_salt
+        replica = self.replica_id
         async for out in self.engine.generate(prompt, params, req.request_id):
             comp = out.outputs[0]
             yield GenerateChunk(
@@ -131,7 +134,9 @@ class EngineReplica:
                 num_cached_tokens=out.num_cached_tokens or 0,
                 finish_reason=comp.finish_reason if out.finished else None,
                 logprobs=None if comp.logprobs is None else list(comp.logprobs),
+                replica=replica,
             )
+            replica = None
 
     def _register(self) -> None:
         import ray

@@ -204,11 +204,12 @@ class OpenAIIngress:
             await self._fetch(decision.fetch, keys)
         gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=params, cache_salt=tenant,
                               route={"replica": decision.replica} if decision else {})
-        chunks = await self._started(self._tracked(self.engine.options(stream=True).generate.remote(gen), rid,
-                                                   decision), rid)
+        served_by, chunks = await self._started(
+            self._tracked(self.engine.options(stream=True).generate.remote(gen), rid, decision), rid)
         headers = {"x-kvpool-route-reason": decision.reason if decision else "fallback"}
+        if served_by:
+            headers["x-kvpool-replica"] = served_by
         if decision:
-            headers["x-kvpool-replica"] = decision.replica
             headers["x-kvpool-predicted-cached-tokens"] = str(decision.predicted_cached_tokens)
         return chunks, headers
 
@@ -244,9 +245,11 @@ class OpenAIIngress:
         except Exception as e:
             logger.warning("pool fetch from node %s failed (%s): recomputing", fetch.source_node, type(e).__name__)
 
-    async def _started(self, chunks: AsyncIterator[GenerateChunk], rid: str) -> AsyncIterator[GenerateChunk]:
+    async def _started(self, chunks: AsyncIterator[GenerateChunk],
+                       rid: str) -> tuple[str | None, AsyncIterator[GenerateChunk]]:
         """Wait for the engine's first chunk before answering, so that a full queue is a 429 with Retry-After and a
-        failed engine a 503, not a broken 200 stream."""
+        failed engine a 503, not a broken 200 stream. Returns the serving replica (the first chunk names it) and
+        all the chunks."""
         try:
             first = await chunks.__anext__()
         except StopAsyncIteration:
@@ -271,7 +274,7 @@ class OpenAIIngress:
             async for c in chunks:
                 yield c
 
-        return replay_first()
+        return (first.replica if first else None), replay_first()
 
     async def _tracked(self, chunks: AsyncIterator[GenerateChunk], rid: str,
                        decision: Decision | None) -> AsyncIterator[GenerateChunk]:
@@ -280,7 +283,7 @@ class OpenAIIngress:
         try:
             async for c in chunks:
                 if cached is None and decision:
-                    self.router.started.remote(rid)
+                    self.router.started.remote(rid, c.replica)
                 cached = max(cached or 0, c.num_cached_tokens)
                 yield c
             ok = True
