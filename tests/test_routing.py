@@ -125,6 +125,12 @@ def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
         assert time.time() - t0 < 5, "dead replica still in the index"  # ~0.2-1.5 s measured; a bound, not a benchmark
         time.sleep(0.05)
     print(f"dead replica left the index after {time.time() - t0:.2f}s")
+    # The router's pool view still holds the prompt's blocks (a shard or router restarted by an earlier test
+    # re-reports in full; until then the view is empty).
+    deadline = time.time() + 10
+    while sum(stats(url)["pool_blocks_by_node"].values()) < n_first // TEST_BLOCK - 1:
+        assert time.time() < deadline, stats(url)["pool_blocks_by_node"]
+        time.sleep(0.2)
     # Serve replaces it; the new replica joins and serves.
     msgs.append({"role": "user", "content": "and now?"})
     r = chat(url, msgs)
