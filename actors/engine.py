@@ -22,22 +22,20 @@ logger = logging.getLogger("ray.serve")
 class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: Any  # vllm.SamplingParams, validated by the ingress
-    cache_salt: str | None = None  # the tenant's: scopes prefix-cache reuse
+    sampling_params: Any  # vllm.SamplingParams, built by vLLM's serving code at the ingress
+    cache_salt: str | None = None  # scopes prefix-cache reuse (the tenant's, or the request's own)
+    # Passed on to AsyncLLM.generate as vLLM's serving code asked (reasoning_ended, priority, ...).
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
     # Filled in by the router (issue: prefix routing); read by the Serve request router plug-in.
     route: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class GenerateChunk:
-    text: str
-    token_ids: list[int]
-    num_cached_tokens: int
-    finish_reason: str | None = None
-    # When the sampling parameters ask for logprobs: per new token, vLLM's {token id: Logprob} of the sampled token
-    # (first) and the top ones.
-    logprobs: list[dict[int, Any]] | None = None
-    # On the first chunk: the replica that serves the request (Serve may have sent it elsewhere than routed).
+class ReplicaOutput:
+    """One of vLLM's RequestOutputs, as the engine produced it (delta or final, as the sampling parameters ask),
+    without the prompt's token ids: the ingress has them, so they never travel back."""
+    output: Any  # vllm.outputs.RequestOutput; None on the first message of a final-only request
+    # On the first output: the replica that serves the request (Serve may have sent it elsewhere than routed).
     replica: str | None = None
 
 
@@ -83,8 +81,25 @@ def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | No
     if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         # Workers go into the replica's placement group (see app.builder.engine_deployment_options).
         kwargs["distributed_executor_backend"] = "ray"
-    kwargs.update(cfg.engine_kwargs)
+    kwargs.update(_engine_kwargs(cfg.engine_kwargs))
     return AsyncEngineArgs(**kwargs)
+
+
+def _engine_kwargs(given: dict[str, Any]) -> dict[str, Any]:
+    """`engine_kwargs` as AsyncEngineArgs takes them: a dict given for one of its config objects (as in a YAML file,
+    `structured_outputs_config: {disable_any_whitespace: true}`) becomes that config."""
+    import dataclasses
+
+    from vllm import AsyncEngineArgs
+
+    factories = {f.name: f.default_factory for f in dataclasses.fields(AsyncEngineArgs)}
+    out = dict(given)
+    for name, value in given.items():
+        if isinstance(value, dict) and factories.get(name, dataclasses.MISSING) is not dataclasses.MISSING:
+            config_type = type(factories[name]())
+            if dataclasses.is_dataclass(config_type):
+                out[name] = config_type(**value)
+    return out
 
 
 class EngineReplica:
@@ -116,27 +131,34 @@ class EngineReplica:
             logger.exception("router unreachable: replica %s publishes no KV events", self.replica_id)
             return None
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[ReplicaOutput]:
+        """The engine's outputs. A request that wants only the final output still runs as deltas here, so the
+        ingress hears when its first token is out (its prefill no longer queues): an empty first message, then
+        the deltas merged into one."""
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = req.sampling_params.clone()
-        params.output_kind = RequestOutputKind.DELTA
         prompt = TokensPrompt(prompt_token_ids=req.prompt_token_ids)
         if req.cache_salt:
             prompt["cache_salt"] = req.cache_salt
+        params, final = req.sampling_params, None
+        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
+        if final_only:
+            params = params.clone()
+            params.output_kind = RequestOutputKind.DELTA
         replica = self.replica_id
-        async for out in self.engine.generate(prompt, params, req.request_id):
-            comp = out.outputs[0]
-            yield GenerateChunk(
-                text=comp.text,
-                token_ids=list(comp.token_ids),
-                num_cached_tokens=out.num_cached_tokens or 0,
-                finish_reason=comp.finish_reason if out.finished else None,
-                logprobs=None if comp.logprobs is None else list(comp.logprobs),
-                replica=replica,
-            )
-            replica = None
+        async for out in self.engine.generate(prompt, params, req.request_id, **req.generate_kwargs):
+            out.prompt_token_ids = None
+            if not final_only:
+                yield ReplicaOutput(out, replica)
+                replica = None
+            elif final is None:
+                final = out
+                yield ReplicaOutput(None, replica)
+            else:
+                final.add(out, aggregate=True)
+        if final is not None:
+            yield ReplicaOutput(final)
 
     def _register(self) -> None:
         import ray

@@ -49,7 +49,8 @@ def build_app(args: KVPoolConfig) -> Application:
     # The ingress holds each request until it ends (streams included): its own bound is the engines' slots plus
     # their queue; past it Serve's proxy answers 429 with Retry-After.
     return OpenAIIngress.options(
-        ray_actor_options={"num_cpus": 0.1},
+        # It renders and tokenizes with vLLM's code, so it gets the engines' environment (offline hub, threads).
+        ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": engine_env(cfg)}},
         max_ongoing_requests=cfg.num_replicas * cfg.max_ongoing_requests + cfg.max_queued_requests,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),

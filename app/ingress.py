@@ -1,95 +1,175 @@
-"""The HTTP ingress: OpenAI API in, tokenize once, hand token ids to an engine replica, stream out.
+"""The HTTP ingress: the OpenAI and Anthropic APIs as vLLM's own server serves them, over routed engine replicas.
 
-This file is the request path. Read it top to bottom: `chat_completions` / `completions` authenticate, parse and
-tokenize; `_generate` checks limits and builds sampling parameters; `_dispatch` asks the router actor for the
-replica that will compute least (`_route`), has that replica's node fetch pool blocks it lacks (`_fetch`), and sends
-the token ids to the replica through the engine deployment's Serve handle (the plug-in in app/request_router.py
-honours the choice); `_collect` / `_stream` turn the engine's chunks into an OpenAI response or an SSE stream while
-`_tracked` reports the request's progress back to the router. A replica lost before the answer reached the client
-means a retry elsewhere.
+This file and app/engine_client.py are the request path. Each endpoint authenticates the caller (`_tenant`), parses
+the body with vLLM's protocol model, refusing fields that nothing here would honour (`_parse`), and hands it to
+vLLM's serving class for that API: it renders the chat template (tools included), tokenizes once, builds the
+sampling parameters and calls `RoutedEngineClient.generate`, which routes the token ids to a replica. vLLM's code
+then parses tool calls and reasoning and writes the response; `_respond` turns it into HTTP, answering failures
+that happen before the first output with their status (429, 503) rather than a broken 200 stream.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
+import json
 import logging
-import time
-import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.engine import GenerateChunk, GenerateRequest
-from actors.pool import get_or_create_shard
+from actors.engine import engine_args
 from actors.router import get_or_create_router
-from app import protocol as oa
+from app.engine_client import RoutedEngineClient, ServingError, dispatching
 from kvpool.config import KVPoolConfig
-from kvpool.hashing import block_hashes
-from kvpool.pool_store import pool_keys, request_namespace
-from kvpool.routing import Decision, Fetch
 from kvpool.model import resolve_model
-from kvpool.prompt import PromptError, PromptRenderer
 
 logger = logging.getLogger("ray.serve")
 
-# The replica (its actor) died or became unreachable: the request may be retried on another.
-_REPLICA_LOST = (RayActorError, ActorUnavailableError)
+api = FastAPI(title="KV-Pool", description="OpenAI- and Anthropic-compatible API over a prefix-aware KV pool")
 
 
-class _ReplicaLost(Exception):
-    pass
+class APIError(Exception):
+    """An error answered in the API's own style, before any work is queued."""
+
+    def __init__(self, status: int, message: str, err_type: str = "BadRequestError", param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.err_type, self.param = status, message, err_type, param
+        self.headers = headers or {}
 
 
-api = FastAPI(title="KV-Pool", description="OpenAI-compatible API over a prefix-aware KV pool")
+def _openai_body(e: APIError) -> dict[str, Any]:
+    return {"error": {"message": e.message, "type": e.err_type, "param": e.param, "code": e.status}}
 
 
-@api.exception_handler(oa.OpenAIError)
-async def _openai_error(_: Request, exc: oa.OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+def _anthropic_body(e: APIError) -> dict[str, Any]:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             429: "rate_limit_error", 503: "overloaded_error"}
+    return {"type": "error", "error": {"type": kinds.get(e.status, "api_error"), "message": e.message}}
+
+
+def _error_response(request: Request, e: APIError) -> JSONResponse:
+    body = _anthropic_body(e) if request.url.path.endswith(("/v1/messages", "/v1/messages/count_tokens")) \
+        else _openai_body(e)
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _error_response(request, exc)
+
+
+@api.exception_handler(ServingError)
+async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else {}
+    return _error_response(request, APIError(exc.status, exc.message, exc.err_type, headers=headers))
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    err = oa.OpenAIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-    return JSONResponse(err.body(), status_code=exc.status_code)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error_response(request, APIError(exc.status_code, str(exc.detail),
+                                             "NotFoundError" if exc.status_code == 404 else "BadRequestError"))
+
+
+@api.exception_handler(Exception)
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s", request.url.path)
+    return _error_response(request, APIError(500, f"internal error: {type(exc).__name__}", "InternalServerError"))
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)  # bytes: invalid UTF-8 raises UnicodeDecodeError, a ValueError
+    except ValueError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+
+
+def _parse(raw: bytes, model_cls: type[BaseModel]) -> Any:
+    """Bytes -> vLLM's request model, or a 400 that says what is wrong. A field the model does not know would be
+    ignored by vLLM: here it is refused by name, so nothing an agent sends is silently dropped."""
+    data = _json(raw)
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    known = {name for name, f in model_cls.model_fields.items()} | \
+        {f.alias for f in model_cls.model_fields.values() if f.alias}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise APIError(400, f"unsupported field(s): {', '.join(unknown)}", param=unknown[0])
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"])
+        raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+    except Exception as e:  # vLLM's own validators raise their own errors (an empty prompt, messages of null)
+        raise APIError(400, f"invalid request: {e}", param=getattr(e, "parameter", None)) from None
+
+
+def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name: str) -> dict[str, Any]:
+    """vLLM's serving objects, as `vllm serve` builds them for a render-only front end (no engine here: the
+    replicas have those), over the routed engine client."""
+    import vllm.envs as envs
+    from vllm.config import VllmConfig
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.entrypoints.openai.models.protocol import BaseModelPath
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
+    from vllm.renderers import renderer_from_config
+    from vllm.renderers.chat_utils import load_chat_template
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    model_path = resolve_model(cfg.model)
+    args = engine_args(cfg, model_path)
+    model_config = args.create_model_config()
+    model_config.quantization = None  # the front end runs no kernels
+    envs.VLLM_CPU_KVCACHE_SPACE = 0  # and allocates no KV cache
+    vllm_config = VllmConfig(model_config=model_config, structured_outputs_config=args.create_structured_outputs_config())
+    renderer = renderer_from_config(vllm_config)
+    client = RoutedEngineClient(cfg, vllm_config, renderer, engine, router, app_name)
+    models = OpenAIServingModels(engine_client=client,
+                                 base_model_paths=[BaseModelPath(name=cfg.model_name(), model_path=model_path)])
+    template = load_chat_template(cfg.chat_template)
+    tools = dict(enable_auto_tools=cfg.tool_call_parser is not None, tool_parser=cfg.tool_call_parser,
+                 reasoning_parser=cfg.reasoning_parser or "")
+    renderer_tools = dict(tools, reasoning_parser=cfg.reasoning_parser)
+    online = OnlineRenderer(model_config=model_config, renderer=renderer, request_logger=None, chat_template=template,
+                            chat_template_content_format="auto", **renderer_tools)
+    online.warmup()
+    common = dict(request_logger=None, chat_template=template, chat_template_content_format="auto",
+                  enable_prompt_tokens_details=True, **tools)
+    chat = OpenAIServingChat(client, models, "assistant", online_renderer=online, **common)
+    messages = AnthropicServingMessages(client, models, "assistant", online_renderer=online, **common)
+    for serving in (chat, messages):  # a chat request without max_tokens: the configured cap, not the context
+        serving.default_sampling_params.setdefault("max_tokens", cfg.max_tokens_default)
+    return {
+        "client": client,
+        "models": models,
+        "chat": chat,
+        "messages": messages,
+        "completion": OpenAIServingCompletion(client, models, online_renderer=online, request_logger=None,
+                                              enable_prompt_tokens_details=True),
+        "tokenize": ServingTokenization(models, online, request_logger=None, chat_template=template,
+                                        chat_template_content_format="auto"),
+    }
 
 
 @serve.deployment
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, cfg: KVPoolConfig):
-        self.engine = engine
         self.cfg = cfg
-        self.model_name = cfg.model_name()
-        self.renderer = PromptRenderer.from_pretrained(resolve_model(cfg.model))
         self.app_name = serve.get_replica_context().app_name
         self.router = get_or_create_router(cfg, self.app_name) if cfg.prefix_routing else None
-        self.shards: dict[str, Any] = {}  # node id -> its pool shard
-        self._shards_checked = 0.0
-        self._keep_shards()
-
-    def _keep_shards(self, period_s: float = 10) -> None:
-        """A pool shard on every live node (nodes join and leave with autoscaling). This ingress owns them, so they
-        end with the app; a restarted ingress makes them again (the pool itself is files and survives)."""
-        import ray
-
-        if not self.cfg.pool_enabled or time.monotonic() - self._shards_checked < period_s:
-            return
-        self._shards_checked = time.monotonic()
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        for node in alive - set(self.shards):
-            self.shards[node] = get_or_create_shard(self.cfg, self.app_name, node)
-            self.shards[node].start.remote()
-        for node in set(self.shards) - alive:
-            del self.shards[node]
+        self.serving = build_serving(cfg, engine, self.router, self.app_name)
+        self.client: RoutedEngineClient = self.serving["client"]
 
     # --- endpoints -----------------------------------------------------------------------------------------------
 
@@ -101,6 +181,8 @@ class OpenAIIngress:
     async def kvpool_stats(self, request: Request) -> dict[str, Any]:
         """For people: the router's view (per replica hit rate, prediction accuracy, queues, decisions by reason)
         and the pool's, per node (bytes and blocks per tier, live-session blocks, demotions, evictions, pulls)."""
+        import asyncio
+
         self._tenant(request)
 
         async def ask(actor) -> dict:
@@ -109,38 +191,65 @@ class OpenAIIngress:
             except Exception as e:
                 return {"error": f"unavailable: {type(e).__name__}"}
 
-        self._keep_shards()
+        self.client.keep_shards()
         return {"router": await ask(self.router) if self.router else None,
-                "pool": {node: await ask(shard) for node, shard in self.shards.items()}
+                "pool": {node: await ask(shard) for node, shard in self.client.shards.items()}
                 if self.cfg.pool_enabled else None}
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
+    async def models(self, request: Request):
         self._tenant(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "kvpool",
-                                            "max_model_len": self.cfg.max_model_len}]}
+        return JSONResponse((await self.serving["models"].show_available_models()).model_dump())
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
         tenant = self._tenant(request)
-        req = oa.parse_request(await request.body(), oa.ChatCompletionRequest)
-        self._check_model(req.model)
-        try:
-            ids = self.renderer.chat([m.model_dump() for m in req.messages])
-        except PromptError as e:
-            raise oa.OpenAIError(400, str(e), param="messages") from None
-        return await self._generate(req, ids, "chat", tenant)
+        req = _parse(await request.body(), ChatCompletionRequest)
+        return await self._respond(self.serving["chat"].create_chat_completion(req, request), tenant,
+                                   stream=bool(req.stream))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
         tenant = self._tenant(request)
-        req = oa.parse_request(await request.body(), oa.CompletionRequest)
-        self._check_model(req.model)
-        try:
-            ids = self.renderer.completion(req.single_prompt())
-        except PromptError as e:
-            raise oa.OpenAIError(400, str(e), param="prompt") from None
-        return await self._generate(req, ids, "completion", tenant)
+        req = _parse(await request.body(), CompletionRequest)
+        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], (str, list)) \
+                and len(req.prompt) != 1:
+            raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
+        return await self._respond(self.serving["completion"].create_completion(req, request), tenant,
+                                   stream=bool(req.stream))
+
+    @api.post("/v1/messages")
+    async def messages(self, request: Request):
+        from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+
+        tenant = self._tenant(request)
+        req = _parse(await request.body(), AnthropicMessagesRequest)
+        return await self._respond(self.serving["messages"].create_messages(req, request), tenant,
+                                   stream=bool(req.stream), dump=lambda r: r.model_dump(exclude_none=True))
+
+    @api.post("/v1/messages/count_tokens")
+    async def count_tokens(self, request: Request):
+        from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest
+
+        self._tenant(request)
+        req = _parse(await request.body(), AnthropicCountTokensRequest)
+        return await self._respond(self.serving["messages"].count_tokens(req, request), None, stream=False,
+                                   dump=lambda r: r.model_dump(exclude_none=True))
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's: the token ids this server computes for a request (chat with tools, or a prompt)."""
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
+
+        self._tenant(request)
+        raw = await request.body()
+        data = _json(raw)
+        req = _parse(raw, TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest)
+        return await self._respond(self.serving["tokenize"].create_tokenize(req, request), None, stream=False)
 
     # --- the request path ----------------------------------------------------------------------------------------
 
@@ -150,198 +259,53 @@ class OpenAIIngress:
         are never a cache hit for another, and so cannot be probed through response times."""
         if not self.cfg.api_keys:
             return None
-        scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(key.encode(), k.encode())
-                                              for k in self.cfg.api_keys):
+        key = request.headers.get("x-api-key")  # Anthropic clients send their key here
+        if key is None:
+            scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
+            key = key if scheme.lower() == "bearer" else ""
+        if any(hmac.compare_digest(key.encode(), k.encode()) for k in self.cfg.api_keys):
             return hashlib.sha256(b"kvpool-tenant:" + key.encode()).hexdigest()[:32]
-        raise oa.OpenAIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+                       "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})
 
-    def _check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise oa.OpenAIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                                 param="model", code="model_not_found")
+    async def _respond(self, call, tenant: str | None, stream: bool,
+                       dump: Callable[[Any], Any] = lambda r: r.model_dump()) -> Response:
+        """Run one of vLLM's serving calls and answer it. A failure before the first output (a full queue, lost
+        replicas) is answered with its status, also for streams: they start only once the first output is in."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    async def _generate(self, req: oa._Request, ids: list[int], kind: str, tenant: str | None):
-        from vllm import SamplingParams
-
-        room = self.cfg.max_model_len - len(ids)
-        if room <= 0:
-            raise oa.OpenAIError(400, f"prompt has {len(ids)} tokens; this model's context is "
-                                 f"{self.cfg.max_model_len} tokens", param="messages" if kind == "chat" else "prompt",
-                                 code="context_length_exceeded")
-        asked = req.requested_max_tokens()
-        if asked is not None and asked > room:
-            raise oa.OpenAIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({asked}) exceeds the context of "
-                                 f"{self.cfg.max_model_len} tokens", param="max_tokens",
-                                 code="context_length_exceeded")
-        max_tokens = asked or min(self.cfg.max_tokens_default, room)
-        try:
-            params = SamplingParams(**req.sampling_kwargs(max_tokens))
-        except (ValueError, TypeError) as e:
-            raise oa.OpenAIError(400, f"invalid sampling parameters: {e}") from None
-        # A replica that dies before a request's answer has reached the client costs a retry on another replica,
-        # not an error: a stream, once its first chunk is out, ends with an error event instead.
-        for attempt in range(1 + self.cfg.engine_retries):
-            rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        with dispatching(tenant) as dispatch:
             try:
-                chunks, headers = await self._dispatch(rid, ids, params, tenant)
-                if req.stream:
-                    return StreamingResponse(self._stream(chunks, rid, req, kind, len(ids)),
-                                             media_type="text/event-stream", headers=headers)
-                return JSONResponse(await self._collect(chunks, rid, req, kind, len(ids)), headers=headers)
-            except _ReplicaLost as e:
-                logger.warning("request %s lost its replica (%s): attempt %d", rid, e, attempt + 1)
-        raise oa.OpenAIError(503, "engine replicas failed while serving this request", type="server_error",
-                             headers={"Retry-After": str(self.cfg.retry_after_s)})
+                result = await call
+            except ServingError:
+                raise
+            except Exception as e:
+                if dispatch.error is not None:
+                    raise dispatch.error from e
+                result = create_error_response(e)  # vLLM's own mapping: a bad request is a 4xx, as in `vllm serve`
+                if result.error.code >= 500:
+                    logger.exception("request failed in vLLM's serving code")
+            if dispatch.error is not None:  # vLLM's code answered our failure as an error response of its own
+                raise dispatch.error
+            if isinstance(result, ErrorResponse):
+                raise APIError(result.error.code, result.error.message, result.error.type, result.error.param)
+            if not stream or isinstance(result, BaseModel):
+                return JSONResponse(dump(result), headers=dispatch.headers())
+            # The stream's first events come once generate() has dispatched (or failed): read until then.
+            head: list[str] = []
+            async for event in result:
+                head.append(event)
+                if dispatch.replica is not None or dispatch.error is not None:
+                    break
+            if dispatch.error is not None:
+                raise dispatch.error
 
-    async def _dispatch(self, rid: str, ids: list[int], params, tenant: str | None):
-        """Route, fetch pool blocks the chosen node lacks, send to the replica; returns its chunks once the first
-        is in, and the response headers that tell where the request went."""
-        self._keep_shards()
-        decision, keys = await self._route(rid, ids, tenant)
-        if decision and decision.fetch:
-            await self._fetch(decision.fetch, keys)
-        gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=params, cache_salt=tenant,
-                              route={"replica": decision.replica} if decision else {})
-        served_by, chunks = await self._started(
-            self._tracked(self.engine.options(stream=True).generate.remote(gen), rid, decision), rid)
-        headers = {"x-kvpool-route-reason": decision.reason if decision else "fallback"}
-        if served_by:
-            headers["x-kvpool-replica"] = served_by
-        if decision:
-            headers["x-kvpool-predicted-cached-tokens"] = str(decision.predicted_cached_tokens)
-        return chunks, headers
+        async def body() -> AsyncIterator[str]:
+            for event in head:
+                yield event
+            async for event in result:
+                yield event
 
-    async def _route(self, rid: str, ids: list[int], tenant: str | None) -> tuple[Decision | None, list[str] | None]:
-        """Ask the router for the cheapest replica; None (Serve's fallback rule) if it is off, down or slow.
-        Also returns the prompt's pool keys (when the pool is on)."""
-        if self.router is None:
-            return None, None
-        # Only full blocks before the last token can be cache hits (the engine always computes the last token).
-        # A tenant's chains start from its salt, as vLLM's do (the salt is the first block's extra key).
-        hashes = block_hashes(ids[:-1], self.cfg.block_size, (tenant,) if tenant else ())
-        keys = pool_keys(ids[:-1], self.cfg.block_size, request_namespace(tenant)) if self.cfg.pool_enabled \
-            else None
-        try:
-            return await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), keys),
-                                          timeout=self.cfg.route_timeout_s), keys
-        except Exception as e:
-            logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)
-            # A late answer may still have counted this request against a replica's queue: take it back.
-            self.router.finished.remote(rid, None)
-            return None, keys
+        return StreamingResponse(body(), media_type="text/event-stream", headers=dispatch.headers())
 
-    async def _fetch(self, fetch: Fetch, keys: list[str]) -> None:
-        """Have the chosen replica's node copy the blocks it lacks from another node's pool. Best effort: what does
-        not arrive in time is recomputed by the engine."""
-        bs = self.cfg.block_size
-        try:
-            shard = self.shards.get(fetch.target_node) or get_or_create_shard(self.cfg, self.app_name,
-                                                                              fetch.target_node)
-            await asyncio.wait_for(shard.pull.remote(fetch.source_node, fetch.layouts,
-                                                     keys[fetch.start_token // bs:fetch.end_token // bs]),
-                                   timeout=self.cfg.pool_fetch_timeout_s)
-        except Exception as e:
-            logger.warning("pool fetch from node %s failed (%s): recomputing", fetch.source_node, type(e).__name__)
-
-    async def _started(self, chunks: AsyncIterator[GenerateChunk],
-                       rid: str) -> tuple[str | None, AsyncIterator[GenerateChunk]]:
-        """Wait for the engine's first chunk before answering, so that a full queue is a 429 with Retry-After and a
-        failed engine a 503, not a broken 200 stream. Returns the serving replica (the first chunk names it) and
-        all the chunks."""
-        try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except _REPLICA_LOST as e:
-            await chunks.aclose()
-            raise _ReplicaLost(type(e).__name__) from None
-        except BackPressureError:
-            await chunks.aclose()
-            raise oa.OpenAIError(429, "the server is at capacity; retry after the time in Retry-After",
-                                 type="server_overloaded", code="overloaded",
-                                 headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
-        except Exception as e:
-            await chunks.aclose()
-            logger.exception("request %s failed in the engine", rid)
-            raise oa.OpenAIError(503, f"engine failed: {type(e).__name__}", type="server_error",
-                                 headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
-
-        async def replay_first() -> AsyncIterator[GenerateChunk]:
-            if first is not None:
-                yield first
-            async for c in chunks:
-                yield c
-
-        return (first.replica if first else None), replay_first()
-
-    async def _tracked(self, chunks: AsyncIterator[GenerateChunk], rid: str,
-                       decision: Decision | None) -> AsyncIterator[GenerateChunk]:
-        """Pass chunks through, telling the router when prefill ended and what the engine actually had cached."""
-        cached, ok = None, False
-        try:
-            async for c in chunks:
-                if cached is None and decision:
-                    self.router.started.remote(rid, c.replica)
-                cached = max(cached or 0, c.num_cached_tokens)
-                yield c
-            ok = True
-        finally:
-            if decision:
-                self.router.finished.remote(rid, cached if ok else None)
-
-    async def _collect(self, chunks: AsyncIterator[GenerateChunk], rid: str, req: oa._Request, kind: str,
-                       n_prompt: int):
-        text, token_ids, logprobs, cached, finish = [], [], [], 0, None
-        try:
-            async for c in chunks:
-                text.append(c.text)
-                token_ids += c.token_ids
-                logprobs += c.logprobs or []
-                cached = max(cached, c.num_cached_tokens)
-                finish = c.finish_reason or finish
-        except _REPLICA_LOST as e:  # nothing has reached the client yet: the whole request can be retried
-            raise _ReplicaLost(type(e).__name__) from None
-        except Exception as e:
-            logger.exception("request %s failed in the engine", rid)
-            raise oa.OpenAIError(503, f"engine failed: {type(e).__name__}", type="server_error") from None
-        use = oa.usage(n_prompt, len(token_ids), cached)
-        build = oa.chat_response if kind == "chat" else oa.completion_response
-        return build(rid, self.model_name, "".join(text), finish, use, req.format_logprobs(token_ids, logprobs, 0))
-
-    async def _stream(self, chunks: AsyncIterator[GenerateChunk], rid: str, req: oa._Request, kind: str,
-                      n_prompt: int) -> AsyncIterator[str]:
-        chat = kind == "chat"
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        n_out, n_chars, cached = 0, 0, 0
-        if chat:
-            yield oa.sse(oa.chat_chunk(rid, self.model_name, {"role": "assistant", "content": ""}))
-        try:
-            async for c in chunks:
-                n_out += len(c.token_ids)
-                cached = max(cached, c.num_cached_tokens)
-                # A token whose text is not complete yet (part of a UTF-8 character) still gets its chunk: its
-                # logprob belongs to it.
-                if not c.token_ids and c.finish_reason is None:
-                    continue
-                logprobs = req.format_logprobs(c.token_ids, c.logprobs or [], n_chars)
-                n_chars += len(c.text)
-                # Usage rides on the final chunk even without include_usage, so every response reports cached tokens.
-                use = oa.usage(n_prompt, n_out, cached) if c.finish_reason and not include_usage else None
-                if chat:
-                    delta = {"content": c.text} if c.text else {}
-                    yield oa.sse(oa.chat_chunk(rid, self.model_name, delta, c.finish_reason, use, logprobs))
-                else:
-                    yield oa.sse(oa.completion_chunk(rid, self.model_name, c.text, c.finish_reason, use, logprobs))
-        except Exception as e:
-            logger.exception("stream %s failed in the engine", rid)
-            err = oa.OpenAIError(503, f"engine failed mid-stream: {type(e).__name__}", type="server_error")
-            yield oa.sse(err.body())
-            return
-        if include_usage:
-            use = oa.usage(n_prompt, n_out, cached)
-            last = oa.chat_chunk(rid, self.model_name, None, use=use) if chat else \
-                oa.completion_chunk(rid, self.model_name, None, use=use)
-            yield oa.sse(last)
-        yield oa.sse("[DONE]")

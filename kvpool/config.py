@@ -52,6 +52,15 @@ class KVPoolConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, description="Serve backpressure: requests in flight per replica.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm AsyncEngineArgs.")
 
+    # --- the API (vLLM's serving code; the options `vllm serve` takes under the same names) -------------------------
+    chat_template: str | None = Field(None, description="A chat template (file or inline) replacing the model's.")
+    tool_call_parser: str | None = Field(
+        None, description="vLLM's tool-call parser for the model's format (`hermes`, `llama3_json`, `mistral`, "
+        "...): with it, `tool_choice: auto` turns the model's tool calls into `tool_calls`. Without it, only "
+        "`tool_choice` `required` or a named function (structured output) return tool calls.",
+    )
+    reasoning_parser: str | None = Field(None, description="vLLM's reasoning parser (`deepseek_r1`, `qwen3`, ...).")
+
     # --- routing -----------------------------------------------------------------------------------------------
     prefix_routing: bool = Field(True, description="Route by the exact prefix index; off: Serve's power-of-two.")
     router_port: int = Field(5557, ge=1, le=65535, description="Port the router binds for the engines' KV events.")

@@ -26,7 +26,7 @@ TINY_KV_BYTES_PER_TOKEN = 1024
 def tiny_model_dir() -> Path:
     from kvpool.model import cache_dir
 
-    return build_tiny_model(cache_dir() / "test-models" / "tiny-llama")
+    return build_tiny_model(cache_dir() / "test-models" / "tiny-llama-tools")
 
 
 @pytest.fixture
@@ -73,7 +73,8 @@ def tiny_app(ray_cluster, tiny_model_dir, tmp_path_factory):
     # 24 MiB of KV per replica = 24K tokens of the tiny model (fp32: 1 KiB/token), small enough to evict in tests.
     cfg = KVPoolConfig(model=str(tiny_model_dir), served_model_name="tiny", num_replicas=2, max_model_len=4096,
                        kv_cache_bytes=TINY_KV_BYTES, block_size=TEST_BLOCK, max_tokens_default=32,
-                       router_port=5591, pool_host_dir=str(tmp_path_factory.mktemp("pool-host")),
+                       router_port=5591, tool_call_parser="hermes",
+                       pool_host_dir=str(tmp_path_factory.mktemp("pool-host")),
                        pool_disk_dir=str(tmp_path_factory.mktemp("pool-disk")))
     serve.run(build_app(cfg), name="tiny", route_prefix="/tiny", blocking=False)
     url = "http://127.0.0.1:8000/tiny"

@@ -45,11 +45,20 @@ def complete(url, tenant, prompt, max_tokens=4):
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEYS["a"]}])
 def test_requests_without_a_valid_key_are_refused(guarded_app, headers):
     for method, path in [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                         ("GET", "/v1/kvpool/stats")]:
+                         ("GET", "/v1/kvpool/stats"), ("POST", "/tokenize")]:
         r = httpx.request(method, guarded_app + path, headers=headers, timeout=30,
                           json={"model": "tiny", "prompt": "x"})
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError", (path, r.text)
     assert httpx.get(f"{guarded_app}/health", timeout=10).status_code == 200
+
+
+def test_anthropic_clients_send_their_key_as_x_api_key(guarded_app):
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    for headers in ({}, {"x-api-key": "wrong"}, {"x-api-key": f"Bearer {KEYS['a']}"}):
+        r = httpx.post(guarded_app + "/v1/messages", headers=headers, timeout=30, json=body)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+    r = httpx.post(guarded_app + "/v1/messages", headers={"x-api-key": KEYS["a"]}, timeout=60, json=body)
+    assert r.status_code == 200 and r.json()["type"] == "message", r.text
 
 
 def test_one_tenants_prompts_are_never_cache_hits_for_another(guarded_app):

@@ -1,0 +1,291 @@
+"""The ingress's engine client: where vLLM's serving code meets KV-Pool's routing.
+
+vLLM's own OpenAI and Anthropic serving classes (app/ingress.py builds them) parse, render the chat template with
+tools, tokenize once and build the sampling parameters, then call `EngineClient.generate` as they would on an
+engine. Here `generate` runs no engine: it asks the router actor for the replica that will compute least
+(`_route`), has that replica's node fetch pool blocks it lacks (`_fetch`), sends the token ids to the replica
+through the engine deployment's Serve handle (the plug-in in app/request_router.py honours the choice) and streams
+the replica's RequestOutputs back to vLLM's code, which parses tool calls and writes the response. A replica lost
+before the answer reached the client means a retry on another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, AsyncIterator, Iterator
+
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from vllm.engine.protocol import EngineClient
+from vllm.exceptions import VLLMClientError
+
+from actors.engine import GenerateRequest, ReplicaOutput
+from actors.pool import get_or_create_shard
+from kvpool.config import KVPoolConfig
+from kvpool.hashing import block_hashes
+from kvpool.pool_store import pool_keys, request_namespace
+from kvpool.routing import Decision, Fetch
+
+logger = logging.getLogger("ray.serve")
+
+# The replica (its actor) died or became unreachable: the request may be retried on another.
+_REPLICA_LOST = (RayActorError, ActorUnavailableError)
+
+
+class ServingError(Exception):
+    """A request failed before its first output: the ingress answers it with this HTTP status (a stream is then
+    never started)."""
+
+    def __init__(self, status: int, message: str, err_type: str, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.err_type, self.retry_after_s = status, message, err_type, retry_after_s
+
+
+@dataclass
+class Dispatch:
+    """One HTTP request's engine call: the caller's tenant in, and what became of the call out (the ingress reads
+    it for the response's status and headers)."""
+    tenant: str | None = None
+    replica: str | None = None
+    reason: str = "fallback"
+    predicted_cached_tokens: int | None = None
+    error: ServingError | None = None
+
+    def headers(self) -> dict[str, str]:
+        h = {"x-kvpool-route-reason": self.reason}
+        if self.replica:
+            h["x-kvpool-replica"] = self.replica
+        if self.predicted_cached_tokens is not None:
+            h["x-kvpool-predicted-cached-tokens"] = str(self.predicted_cached_tokens)
+        return h
+
+
+# Set by the ingress for each HTTP request; `generate` runs in its context when the ingress pulls the first output.
+_current: contextvars.ContextVar[Dispatch | None] = contextvars.ContextVar("kvpool_dispatch", default=None)
+
+
+@contextlib.contextmanager
+def dispatching(tenant: str | None) -> Iterator[Dispatch]:
+    """The scope of one HTTP request: engine calls made inside it report to the Dispatch it yields."""
+    dispatch = Dispatch(tenant=tenant)
+    token = _current.set(dispatch)
+    try:
+        yield dispatch
+    finally:
+        _current.reset(token)
+
+
+class _ReplicaLost(Exception):
+    pass
+
+
+class RoutedEngineClient(EngineClient):
+    def __init__(self, cfg: KVPoolConfig, vllm_config, renderer, engine: DeploymentHandle, router, app_name: str):
+        from vllm.v1.engine.input_processor import InputProcessor
+
+        self.cfg = cfg
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.renderer = renderer
+        self.input_processor = InputProcessor(vllm_config, renderer)  # vLLM's beam search asks it for watermarks
+        self.engine = engine
+        self.router = router
+        self.app_name = app_name
+        self.shards: dict[str, Any] = {}  # node id -> its pool shard
+        self._shards_checked = 0.0
+        self.keep_shards()
+
+    def keep_shards(self, period_s: float = 10) -> None:
+        """A pool shard on every live node (nodes join and leave with autoscaling). The ingress owns them, so they
+        end with the app; a restarted ingress makes them again (the pool itself is files and survives)."""
+        import ray
+
+        if not self.cfg.pool_enabled or time.monotonic() - self._shards_checked < period_s:
+            return
+        self._shards_checked = time.monotonic()
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        for node in alive - set(self.shards):
+            self.shards[node] = get_or_create_shard(self.cfg, self.app_name, node)
+            self.shards[node].start.remote()
+        for node in set(self.shards) - alive:
+            del self.shards[node]
+
+    # --- the request path ----------------------------------------------------------------------------------------
+
+    async def generate(self, prompt, sampling_params, request_id: str, *, prompt_text=None, lora_request=None,
+                       tokenization_kwargs=None, trace_headers=None, priority: int = 0, data_parallel_rank=None,
+                       session_id=None, kv_hints=None, reasoning_ended=None,
+                       reasoning_parser_kwargs=None) -> AsyncGenerator[Any, None]:
+        if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt or prompt.get("type", "token") != "token":
+            raise ValueError("this server takes text prompts only")
+        ids = list(prompt["prompt_token_ids"])
+        dispatch = _current.get() or Dispatch()
+        # A tenant's salt scopes its reuse; a request's own `cache_salt` scopes it further within the tenant.
+        salt = ":".join(s for s in (dispatch.tenant, prompt.get("cache_salt")) if s) or None
+        kwargs = {k: v for k, v in dict(priority=priority, reasoning_ended=reasoning_ended,
+                                        reasoning_parser_kwargs=reasoning_parser_kwargs).items() if v}
+        try:
+            for attempt in range(1 + self.cfg.engine_retries):
+                rid = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
+                gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=sampling_params,
+                                      cache_salt=salt, generate_kwargs=kwargs)
+                try:
+                    served_by, outputs = await self._dispatch(gen, dispatch)
+                    break
+                except _ReplicaLost as e:
+                    logger.warning("request %s lost its replica (%s): attempt %d", rid, e, attempt + 1)
+            else:
+                raise ServingError(503, "engine replicas failed while serving this request", "ServiceUnavailable",
+                                   self.cfg.retry_after_s)
+        except ServingError as e:
+            dispatch.error = e
+            raise
+        dispatch.replica = served_by
+        async for out in outputs:
+            if out is not None:
+                out.prompt_token_ids = ids
+                yield out
+
+    async def _dispatch(self, gen: GenerateRequest, dispatch: Dispatch):
+        """Route, fetch pool blocks the chosen node lacks, send to the replica; returns the serving replica and its
+        outputs once the first is in."""
+        self.keep_shards()
+        decision, keys = await self._route(gen.request_id, gen.prompt_token_ids, gen.cache_salt)
+        if decision and decision.fetch:
+            await self._fetch(decision.fetch, keys)
+        if decision:
+            gen.route = {"replica": decision.replica}
+            dispatch.reason, dispatch.predicted_cached_tokens = decision.reason, decision.predicted_cached_tokens
+        stream = self.engine.options(stream=True).generate.remote(gen)
+        return await self._started(self._tracked(stream, gen.request_id, decision), gen.request_id)
+
+    async def _route(self, rid: str, ids: list[int], salt: str | None) -> tuple[Decision | None, list[str] | None]:
+        """Ask the router for the cheapest replica; None (Serve's fallback rule) if it is off, down or slow.
+        Also returns the prompt's pool keys (when the pool is on)."""
+        if self.router is None:
+            return None, None
+        # Only full blocks before the last token can be cache hits (the engine always computes the last token).
+        # A salted prompt's chains start from its salt, as vLLM's do (the salt is the first block's extra key).
+        hashes = block_hashes(ids[:-1], self.cfg.block_size, (salt,) if salt else ())
+        keys = pool_keys(ids[:-1], self.cfg.block_size, request_namespace(salt)) if self.cfg.pool_enabled else None
+        try:
+            return await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), keys),
+                                          timeout=self.cfg.route_timeout_s), keys
+        except Exception as e:
+            logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)
+            # A late answer may still have counted this request against a replica's queue: take it back.
+            self.router.finished.remote(rid, None)
+            return None, keys
+
+    async def _fetch(self, fetch: Fetch, keys: list[str]) -> None:
+        """Have the chosen replica's node copy the blocks it lacks from another node's pool. Best effort: what does
+        not arrive in time is recomputed by the engine."""
+        bs = self.cfg.block_size
+        try:
+            shard = self.shards.get(fetch.target_node) or get_or_create_shard(self.cfg, self.app_name,
+                                                                              fetch.target_node)
+            await asyncio.wait_for(shard.pull.remote(fetch.source_node, fetch.layouts,
+                                                     keys[fetch.start_token // bs:fetch.end_token // bs]),
+                                   timeout=self.cfg.pool_fetch_timeout_s)
+        except Exception as e:
+            logger.warning("pool fetch from node %s failed (%s): recomputing", fetch.source_node, type(e).__name__)
+
+    async def _started(self, outputs: AsyncIterator[ReplicaOutput],
+                       rid: str) -> tuple[str | None, AsyncIterator[Any]]:
+        """Wait for the replica's first output before answering, so that a full queue is a 429 with Retry-After
+        and a failed engine a 503, not a broken 200 stream. Returns the serving replica (the first output names
+        it) and the RequestOutputs."""
+        try:
+            first = await outputs.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except _REPLICA_LOST as e:
+            await outputs.aclose()
+            raise _ReplicaLost(type(e).__name__) from None
+        except BackPressureError:
+            await outputs.aclose()
+            raise ServingError(429, "the server is at capacity; retry after the time in Retry-After",
+                               "TooManyRequests", self.cfg.retry_after_s) from None
+        except Exception as e:
+            await outputs.aclose()
+            cause = getattr(e, "cause", e)  # a RayTaskError carries what the replica raised
+            if isinstance(cause, (VLLMClientError, ValueError)):  # the engine refused the request (a bad grammar)
+                raise ServingError(400, str(cause), "BadRequestError") from None
+            logger.exception("request %s failed in the engine", rid)
+            raise ServingError(503, f"engine failed: {type(e).__name__}", "ServiceUnavailable",
+                               self.cfg.retry_after_s) from None
+
+        async def replay_first() -> AsyncIterator[Any]:
+            if first is not None:
+                yield first.output
+            async for o in outputs:
+                yield o.output
+
+        return (first.replica if first else None), replay_first()
+
+    async def _tracked(self, outputs: AsyncIterator[ReplicaOutput], rid: str,
+                       decision: Decision | None) -> AsyncIterator[ReplicaOutput]:
+        """Pass outputs through, telling the router when prefill ended, where the request runs and what the engine
+        actually had cached."""
+        cached, ok, first = None, False, True
+        try:
+            async for o in outputs:
+                if first and decision:
+                    self.router.started.remote(rid, o.replica)
+                first = False
+                if o.output is not None:
+                    cached = max(cached or 0, o.output.num_cached_tokens or 0)
+                yield o
+            ok = True
+        finally:
+            if decision:
+                self.router.finished.remote(rid, cached if ok else None)
+
+    # --- the rest of vLLM's EngineClient: this client serves generation only ---------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return True
+
+    @property
+    def is_stopped(self) -> bool:
+        return False
+
+    @property
+    def errored(self) -> bool:
+        return False
+
+    @property
+    def dead_error(self) -> BaseException:
+        return RuntimeError("engine replicas are managed by Ray Serve")
+
+    async def is_paused(self) -> bool:
+        return False
+
+    async def is_sleeping(self) -> bool:
+        return False
+
+    async def is_tracing_enabled(self) -> bool:
+        return False
+
+    async def check_health(self) -> None:
+        return None
+
+    async def do_log_stats(self) -> None:
+        return None
+
+    async def abort(self, request_id) -> None:
+        return None  # closing the replica's stream (the client went away) cancels its request there
+
+    def _unsupported(self, *_, **__):
+        raise NotImplementedError("not supported by KV-Pool's ingress")
+
+    encode = add_lora = notify_kv_transfer_request_rejected = pause_generation = resume_generation = _unsupported
+    release_kv_cache_memory = reset_encoder_cache = reset_mm_cache = reset_prefix_cache = _unsupported
+    shutdown = sleep = wake_up = start_profile = stop_profile = _unsupported
