@@ -8,7 +8,7 @@ import re
 import os
 from pathlib import Path
 
-from kvpool.bench.compare import CONFIGS
+from kvpool.bench.compare import CONFIGS, SMOKE_CONFIGS
 from kvpool.bench.verify import LOGPROB_TOLERANCE
 from kvpool.traces import FORMATS
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("--chaos", default="", metavar="kill-replica@T",
                          help="kill one engine replica T seconds into each configuration's run")
     compare.add_argument("--smoke", action="store_true",
-                         help="4 sessions, 3 turns, short contexts, --verify: for CI")
+                         help="4 sessions, 3 turns, short contexts, --verify, and (unless --configs) only "
+                              "no-cache, the prefix-routing peer and KV-Pool: for CI")
 
     args = parser.parse_args(argv)
     if hasattr(args, "pool_host_bytes"):  # the benchmarks that deploy apps
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.smoke:
             args.sessions, args.turns, args.max_context, args.max_output, args.duration = 4, 3, 1500, 8, 0
             args.verify = True
+            args.configs = args.configs or SMOKE_CONFIGS
         if args.chaos and not re.fullmatch(r"kill-replica@\d+(\.\d+)?", args.chaos):
             parser.error("--chaos takes kill-replica@SECONDS")
         result = compare_run(args)

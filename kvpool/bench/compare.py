@@ -50,6 +50,9 @@ MEMORY = ["engine_kv_bytes_per_replica", "host_tier_bytes", "disk_tier_bytes"]
 VERIFY_METRICS = ["verified", "mismatched", "logprob_max_abs_diff"]
 LOWER_IS_BETTER = {"ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_mean_s", "latency_p50_s", "latency_p90_s",
                    "errors", "makespan_s", "mismatched", "logprob_max_abs_diff"}
+# What `--smoke` deploys: each deployment costs minutes on 2 cores, so the baseline, the strongest peer and KV-Pool,
+# and one configuration this machine may skip (on a CPU it is listed with the reason).
+SMOKE_CONFIGS = ["no-cache", "rayllm-prefix", "kvpool", "rayllm-offload"]
 PEERS = ("rayllm-default", "rayllm-prefix", "rayllm-prefix+host", "rayllm-offload", "rayllm-lmcache")
 CHAOS_WINDOW_S = 60.0
 
