@@ -25,8 +25,7 @@ import zmq.asyncio
 
 from kvpool.config import KVPoolConfig
 from kvpool.events import decode_message
-from kvpool.index import PrefixIndex
-from kvpool.routing import Decision, LoadBook, PoolOffer, ReplicaLoad, choose
+from kvpool.routing import Decision, ReplicaLoad, RouterCore
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +66,8 @@ class _Metrics:
 class RouterActor:
     def __init__(self, cfg: KVPoolConfig):
         self.cfg = cfg
-        self.index = PrefixIndex(cfg.block_size)
-        self.book = LoadBook()
-        self.live: list[str] = []
+        self.core = RouterCore(cfg.block_size, cfg.route_running_cost_tokens, cfg.route_pool_load_cost,
+                               cfg.route_pool_fetch_cost)
         self.last_seq: dict[str, int] = {}
         self.reasons: Counter = Counter()
         self.per_replica: dict[str, Counter] = {}
@@ -89,12 +87,6 @@ class RouterActor:
         self._consumer: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self.actors: dict[str, ray.actor.ActorHandle] = {}  # replica -> its Serve replica actor
-        self.node_of: dict[str, str] = {}  # replica -> its node
-        # The shared pool as its shards report it: node -> layout -> pool keys. A block is usable by this app's
-        # engines when it is there in every one of their layouts (one per engine rank).
-        self.pool_view: dict[str, dict[str, set[str]]] = {}
-        self.pool_seq: dict[str, int] = {}
-        self.layouts: list[str] = []
 
     def _ensure_consumer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,13 +117,9 @@ class RouterActor:
                     pending[replica] = asyncio.get_running_loop().create_task(ping(replica, actor))
 
     def _drop(self, replica: str) -> None:
-        self.index.remove_replica(replica)
-        self.book.drop_replica(replica)
+        self.core.drop(replica)
         self.last_seq.pop(replica, None)
         self.actors.pop(replica, None)
-        self.node_of.pop(replica, None)
-        if replica in self.live:
-            self.live = [r for r in self.live if r != replica]
 
     async def _consume(self) -> None:
         while True:
@@ -149,7 +137,7 @@ class RouterActor:
         if last is not None and seq != last + 1:
             self._reset(replica, f"sequence gap {last} -> {seq}")
         for ev in events:
-            if not self.index.apply(replica, ev):
+            if not self.core.index.apply(replica, ev):
                 # Its chain started before we listened (e.g. after a router restart): we cannot name these blocks,
                 # so they stay unindexed. Nothing stale is kept, so no reset is needed.
                 self.orphans[replica] += 1
@@ -159,7 +147,7 @@ class RouterActor:
         logger.warning("KV view of replica %s reset: %s", replica, why)
         self.gaps[replica] += 1
         self.metrics.gaps.inc(tags={"replica": replica})
-        self.index.clear(replica)
+        self.core.index.clear(replica)
 
     # --- API for the ingress, the engines and the request-router plug-in ------------------------------------------
 
@@ -173,91 +161,42 @@ class RouterActor:
         layouts."""
         self._ensure_consumer()
         self.actors[replica] = actor
-        self.node_of[replica] = node_id
+        self.core.node_of[replica] = node_id
         if pool_layouts:
-            self.layouts = list(pool_layouts)
+            self.core.pool.layouts = list(pool_layouts)
 
     async def pool_update(self, node: str, seq: int, added: list[tuple[str, str]],
                           removed: list[tuple[str, str]]) -> bool:
-        """A pool shard reports (layout, key) blocks that arrived on or left its node. seq 0 is a full report;
-        a report out of sequence (the router restarted, or a report was lost) is refused, and the shard then
-        sends a full one."""
-        if seq == 0:
-            self.pool_view[node] = {}
-        elif self.pool_seq.get(node) != seq - 1:
-            return False
-        self.pool_seq[node] = seq
-        view = self.pool_view[node]
-        for layout, key in added:
-            view.setdefault(layout, set()).add(key)
-        for layout, key in removed:
-            view.get(layout, set()).discard(key)
-        return True
-
-    def _pool_hits(self, node: str, keys: list[str]) -> int:
-        """How many of `keys`, from the first, `node`'s pool holds in every layout of this app's engines."""
-        view = self.pool_view.get(node)
-        if not view or not self.layouts:
-            return 0
-        sets = [view.get(layout, set()) for layout in self.layouts]
-        n = 0
-        for k in keys:
-            if not all(k in s for s in sets):
-                break
-            n += 1
-        return n
-
-    def _pool_offers(self, keys: list[str], max_cached: int) -> dict[str, PoolOffer]:
-        bs = self.cfg.block_size
-        hits = {node: self._pool_hits(node, keys) * bs for node in self.pool_view}
-        offers = {}
-        for r in self.live:
-            node = self.node_of.get(r, "")
-            local = min(hits.get(node, 0), max_cached)
-            remote_node, remote = max(((n, h) for n, h in hits.items() if n != node), key=lambda x: x[1],
-                                      default=(None, 0))
-            offers[r] = PoolOffer(local, min(remote, max_cached), remote_node)
-        return offers
+        """A pool shard reports (layout, key) blocks that arrived on or left its node (see PoolView.update)."""
+        return self.core.pool.update(node, seq, added, removed)
 
     async def set_replicas(self, replicas: list[str]) -> None:
         """Serve's current replica list: replicas that left are dropped from the index and the queues."""
         self._ensure_consumer()
-        for gone in (set(self.index.replicas()) | set(self.book.loads) | set(self.actors)) - set(replicas):
+        for gone in set(self.core.set_replicas(replicas)) | (set(self.actors) - set(replicas)):
             self._drop(gone)
-        self.live = list(replicas)
 
     async def route(self, request_id: str, hashes: np.ndarray, prompt_tokens: int,
                     pool_keys: list[str] | None = None) -> Decision | None:
         """The cheapest live replica for a request, given the chain hashes of its prompt (and its pool keys)."""
         self._ensure_consumer()
-        if not self.live:
-            return None
-        bs = self.cfg.block_size
-        # vLLM always computes at least the last prompt token, so a full hit is one block short.
-        max_cached = (prompt_tokens - 1) // bs * bs
-        matched = self.index.match(hashes, self.live)
-        cached = {r: min(n * bs, max_cached) for r, n in matched.items()}
-        offers = self._pool_offers(pool_keys, max_cached) if pool_keys else None
-        d = choose(prompt_tokens, cached, self.book.loads, self.cfg.route_running_cost_tokens, offers,
-                   self.cfg.route_pool_load_cost, self.cfg.route_pool_fetch_cost)
-        if d.fetch:  # the ingress has the chosen replica's pool shard fetch these blocks first
-            d.fetch.target_node, d.fetch.layouts = self.node_of.get(d.replica, ""), self.layouts
-        self.book.charge(request_id, d.replica, prompt_tokens, d.predicted_cached_tokens)
-        self.reasons[d.reason] += 1
-        self.metrics.decisions.inc(tags={"reason": d.reason})
-        self._publish_load(d.replica)
+        d = self.core.route(request_id, hashes, prompt_tokens, pool_keys)
+        if d is not None:
+            self.reasons[d.reason] += 1
+            self.metrics.decisions.inc(tags={"reason": d.reason})
+            self._publish_load(d.replica)
         return d
 
     async def started(self, request_id: str, served_by: str | None = None) -> None:
         """The request produced its first chunk, on replica `served_by`: its prefill no longer queues."""
-        for replica in self.book.started(request_id, served_by):
+        for replica in self.core.book.started(request_id, served_by):
             self._publish_load(replica)
 
     async def finished(self, request_id: str, delivered_cached_tokens: int | None) -> None:
         """The request ended; `delivered_cached_tokens` is what the engine reported (None: it failed)."""
-        for replica in self.book.started(request_id):
+        for replica in self.core.book.started(request_id):
             self._publish_load(replica)
-        f = self.book.finished(request_id)
+        f = self.core.book.finished(request_id)
         if f is None:
             return
         self._publish_load(f.replica)
@@ -279,21 +218,22 @@ class RouterActor:
             self.metrics.predicted.inc(f.predicted_cached_tokens, tags=tags)
 
     def _publish_load(self, replica: str) -> None:
-        load = self.book.loads.get(replica) or ReplicaLoad()
+        load = self.core.book.loads.get(replica) or ReplicaLoad()
         self.metrics.queued.set(load.queued_prefill_tokens, tags={"replica": replica})
         self.metrics.running.set(load.running, tags={"replica": replica})
 
     async def stats(self) -> dict:
         self._ensure_consumer()
         replicas = {}
-        for r in sorted(set(self.live) | set(self.index.replicas()) | set(self.per_replica)):
+        core = self.core
+        for r in sorted(set(core.live) | set(core.index.replicas()) | set(self.per_replica)):
             c = self.per_replica.get(r, Counter())
-            load = self.book.loads.get(r) or ReplicaLoad()
-            self.metrics.blocks.set(self.index.num_blocks(r), tags={"replica": r})
+            load = core.book.loads.get(r) or ReplicaLoad()
+            self.metrics.blocks.set(core.index.num_blocks(r), tags={"replica": r})
             replicas[r] = {
-                "live": r in self.live,
-                "node": self.node_of.get(r),
-                "indexed_blocks": self.index.num_blocks(r),
+                "live": r in core.live,
+                "node": core.node_of.get(r),
+                "indexed_blocks": core.index.num_blocks(r),
                 "queued_prefill_tokens": load.queued_prefill_tokens,
                 "running": load.running,
                 "requests": c["requests"],
@@ -308,12 +248,7 @@ class RouterActor:
                 "event_resets": self.gaps.get(r, 0),
                 "orphan_events": self.orphans.get(r, 0),
             }
-        pool = {node: self._pool_hits_count(node) for node in self.pool_view}
+        pool = {node: core.pool.blocks(node) for node in core.pool.nodes}
         return {"time": time.time(), "block_size": self.cfg.block_size, "decisions": dict(self.reasons),
                 "events_applied": self.events_applied, "replicas": replicas, "pool_blocks_by_node": pool,
-                "pool_layouts": self.layouts}
-
-    def _pool_hits_count(self, node: str) -> int:
-        """Blocks `node`'s pool holds in every layout of this app's engines."""
-        sets = [self.pool_view[node].get(layout, set()) for layout in self.layouts]
-        return len(set.intersection(*sets)) if sets else 0
+                "pool_layouts": core.pool.layouts}

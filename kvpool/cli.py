@@ -10,6 +10,8 @@ from pathlib import Path
 
 from kvpool.bench.compare import CONFIGS, SMOKE_CONFIGS
 from kvpool.bench.verify import LOGPROB_TOLERANCE
+from kvpool.sim.costs import HARDWARE, MODELS
+from kvpool.sim.policies import POLICIES as SIM_POLICIES
 from kvpool.traces import FORMATS
 
 
@@ -112,7 +114,43 @@ def main(argv: list[str] | None = None) -> None:
                          help="4 sessions, 3 turns, short contexts, --verify, and (unless --configs) only "
                               "no-cache, the prefix-routing peer and KV-Pool: for CI")
 
+    sim = sub.add_parser("simulate", help="routing and pool policies on a simulated cluster, from a trace")
+    sim.add_argument("--trace", default=str(default_trace.parent / "kv-cache-tester"))
+    sim.add_argument("--trace-format", choices=FORMATS, help="default: from the path")
+    sim.add_argument("--trace-sessions", type=int, default=10_000, help="read at most this many sessions")
+    sim.add_argument("--policies", nargs="*", choices=SIM_POLICIES, help="a subset, in this order (default: all)")
+    sim.add_argument("--hardware", default="h200", choices=["cpu", *HARDWARE])
+    sim.add_argument("--model", default="llama-3.1-8b", choices=list(MODELS),
+                     help="the KV footprint and compute of this model (cpu: smollm2-135m)")
+    sim.add_argument("--tp", type=int, default=1, help="GPUs per engine replica")
+    sim.add_argument("--nodes", type=int, nargs="+", default=[8],
+                     help="node count; several: a sweep, with the GPUs each policy needs for --slo-ttft-p90")
+    sim.add_argument("--gpus-per-node", type=int, default=0, help="default: the hardware's (8; cpu: 2 replicas)")
+    sim.add_argument("--kv-tokens", type=int, help="engine KV per replica in tokens (default: what HBM leaves)")
+    sim.add_argument("--host-gib-per-node", type=float, default=1024,
+                     help="pool host tier per node (KV-Pool: shared by the node; lmcache: split per replica)")
+    sim.add_argument("--disk-gib-per-node", type=float, default=0, help="KV-Pool's disk tier per node")
+    sim.add_argument("--block-size", type=int, default=64, help="tokens per block (the trace's: kv-cache-tester 64)")
+    sim.add_argument("--max-num-seqs", type=int, default=256)
+    sim.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    sim.add_argument("--concurrency", type=int, default=1024, help="sessions held live at once")
+    sim.add_argument("--duration", type=float, default=3600, help="simulated seconds")
+    sim.add_argument("--think-scale", type=float, default=1.0)
+    sim.add_argument("--ramp", type=float, default=60, help="seconds over which the first sessions start")
+    sim.add_argument("--max-output", type=int, default=0, help="cap output tokens (0: the trace's)")
+    sim.add_argument("--slo-ttft-p90", type=float, default=2.0)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--json", action="store_true", help="only the JSON line")
+
     args = parser.parse_args(argv)
+    if args.cmd == "simulate":
+        from kvpool import sim as simulator
+
+        result = simulator.run(args)
+        if not args.json:
+            print(simulator.table(result))
+        print(json.dumps(result))
+        return
     if hasattr(args, "pool_host_bytes"):  # the benchmarks that deploy apps
         args.pool_host_bytes = args.pool_host_bytes or args.kv_cache_bytes * args.replicas
         if not args.pool_disk_dir:

@@ -83,6 +83,20 @@ def eviction_order(files: Iterable[BlockFile], now: float, session_ttl_s: float)
     return sorted(files, key=lambda f: (live(f), f.last_used))
 
 
+def to_move_out(files: Sequence[BlockFile], budget: int, now: float, session_ttl_s: float) -> list[BlockFile]:
+    """The blocks of one tier that must leave it (in eviction order) for it to fit `budget` bytes."""
+    size = sum(f.size for f in files)
+    out: list[BlockFile] = []
+    if size <= budget:
+        return out
+    for f in eviction_order(files, now, session_ttl_s):
+        if size <= budget:
+            break
+        size -= f.size
+        out.append(f)
+    return out
+
+
 class PoolStore:
     def __init__(self, host_dir: str | Path, disk_dir: str | Path, layout: str):
         """`layout` names what the bytes mean (model, dtype, block size, rank): blocks of different layouts never

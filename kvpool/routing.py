@@ -154,3 +154,115 @@ def choose(prompt_tokens: int, cached_tokens: dict[str, int], loads: dict[str, R
     local = max(cached_tokens[chosen], offer.local_tokens)
     fetch = Fetch(offer.remote_node, local, covered[chosen]) if covered[chosen] > local else None
     return Decision(chosen, covered[chosen], reason, costs, fetch)
+
+
+class PoolView:
+    """The shared pool as its node shards report it: node -> layout -> pool keys. A block is usable by the app's
+    engines when its node holds it in every one of their layouts (one per engine rank: with TP > 1 a block is whole
+    only when every rank's part is there)."""
+
+    def __init__(self):
+        self.nodes: dict[str, dict[str, set[str]]] = {}
+        self.seq: dict[str, int] = {}
+        self.layouts: list[str] = []
+
+    def update(self, node: str, seq: int, added: list[tuple[str, str]], removed: list[tuple[str, str]]) -> bool:
+        """Apply a shard's report of (layout, key) blocks that arrived on or left its node. seq 0 is a full report;
+        one out of sequence (a restart of either side, or a lost report) is refused: the shard then sends a full
+        one."""
+        if seq == 0:
+            self.nodes[node] = {}
+        elif self.seq.get(node) != seq - 1:
+            return False
+        self.seq[node] = seq
+        view = self.nodes[node]
+        for layout, key in added:
+            view.setdefault(layout, set()).add(key)
+        for layout, key in removed:
+            view.get(layout, set()).discard(key)
+        return True
+
+    def leading_hits(self, node: str, keys: list[str]) -> int:
+        """How many of `keys`, from the first, `node`'s pool holds in every layout."""
+        view = self.nodes.get(node)
+        if not view or not self.layouts:
+            return 0
+        sets = [view.get(layout, set()) for layout in self.layouts]
+        n = 0
+        for k in keys:
+            if not all(k in s for s in sets):
+                break
+            n += 1
+        return n
+
+    def blocks(self, node: str) -> int:
+        """Blocks `node`'s pool holds in every layout."""
+        sets = [self.nodes.get(node, {}).get(layout, set()) for layout in self.layouts]
+        return len(set.intersection(*sets)) if sets else 0
+
+    def offers(self, replicas: list[str], node_of: dict[str, str], keys: list[str], block_size: int,
+               max_cached: int) -> dict[str, PoolOffer]:
+        """What the pool offers each replica: its own node's leading run and the longest one on another node."""
+        hits = {node: self.leading_hits(node, keys) * block_size for node in self.nodes}
+        offers = {}
+        for r in replicas:
+            node = node_of.get(r, "")
+            remote_node, remote = max(((n, h) for n, h in hits.items() if n != node), key=lambda x: x[1],
+                                      default=(None, 0))
+            offers[r] = PoolOffer(min(hits.get(node, 0), max_cached), min(remote, max_cached), remote_node)
+        return offers
+
+
+class RouterCore:
+    """The router's state and decision with no I/O: which replica holds which blocks (PrefixIndex, fed the
+    engines' KV events), their queues (LoadBook), the pool (PoolView, fed the shards' reports), and `route`. The
+    router actor (actors/router.py) feeds it from ZMQ and Ray; the simulator (kvpool/sim) from its engine models."""
+
+    def __init__(self, block_size: int, running_cost_tokens: int, pool_load_cost: float = 0.0,
+                 pool_fetch_cost: float = 0.0, rng: random.Random = random._inst):
+        from kvpool.index import PrefixIndex
+
+        self.block_size = block_size
+        self.running_cost_tokens = running_cost_tokens
+        self.pool_load_cost, self.pool_fetch_cost = pool_load_cost, pool_fetch_cost
+        self.rng = rng
+        self.index = PrefixIndex(block_size)
+        self.book = LoadBook()
+        self.pool = PoolView()
+        self.live: list[str] = []
+        self.node_of: dict[str, str] = {}  # replica -> its node
+
+    def set_replicas(self, replicas: list[str]) -> list[str]:
+        """The current replica list; returns the replicas that left (dropped)."""
+        gone = (set(self.index.replicas()) | set(self.book.loads) | set(self.node_of)) - set(replicas)
+        for r in gone:
+            self.drop(r)
+        self.live = list(replicas)
+        return sorted(gone)
+
+    def drop(self, replica: str) -> None:
+        """A replica left or died: its blocks and its queue go."""
+        self.index.remove_replica(replica)
+        self.book.drop_replica(replica)
+        self.node_of.pop(replica, None)
+        if replica in self.live:
+            self.live = [r for r in self.live if r != replica]
+
+    def route(self, request_id: str, hashes, prompt_tokens: int,
+              pool_keys: list[str] | None = None) -> Decision | None:
+        """The cheapest live replica for a request, given the chain hashes of its prompt (kvpool.hashing) and,
+        with the pool on, its pool keys. The request is charged to the choice."""
+        replicas = self.live
+        if not replicas:
+            return None
+        bs = self.block_size
+        # vLLM always computes at least the last prompt token, so a full hit is one block short.
+        max_cached = (prompt_tokens - 1) // bs * bs
+        cached = {r: min(n * bs, max_cached) for r, n in self.index.match(hashes, replicas).items()}
+        offers = self.pool.offers(replicas, self.node_of, pool_keys, bs, max_cached) if pool_keys else None
+        d = choose(prompt_tokens, cached, self.book.loads, self.running_cost_tokens, offers, self.pool_load_cost,
+                   self.pool_fetch_cost, self.rng)
+        if d.fetch:  # the chosen replica's node copies these blocks from the other node first
+            d.fetch.target_node, d.fetch.layouts = self.node_of.get(d.replica, ""), self.pool.layouts
+        self.book.charge(request_id, d.replica, prompt_tokens, d.predicted_cached_tokens)
+        return d

@@ -1,0 +1,93 @@
+"""`kvpool simulate`: the project's routing and pool policies, and the peers', on a simulated cluster driven by
+real agent traces at full length (kvpool.sim.cluster), timed by cost models (kvpool.sim.costs).
+
+Every policy runs the same sessions on the same cluster for the same simulated time; the figures are those of the
+real benchmarks (kvpool.bench.replay.summarize, over the requests finished in time) plus GPU-seconds per million
+input tokens and the bytes each tier and link moved. With several node counts (`--nodes 2 4 8`) it also reports,
+per policy, the fewest GPUs that hold TTFT p90 under `--slo-ttft-p90`.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+from kvpool.sim.costs import HARDWARE, profile
+from kvpool.sim.policies import POLICIES
+
+GiB = 1 << 30
+
+
+def _spec(args, nodes: int):
+    from kvpool.sim.cluster import ClusterSpec
+
+    costs = profile(args.hardware, args.model, args.tp, args.kv_tokens)
+    gpus = args.gpus_per_node or (HARDWARE[args.hardware].gpus_per_node if args.hardware in HARDWARE else 2)
+    return ClusterSpec(nodes=nodes, gpus_per_node=gpus, tp=args.tp, costs=costs, block_size=args.block_size,
+                       host_bytes_per_node=int(args.host_gib_per_node * GiB),
+                       disk_bytes_per_node=int(args.disk_gib_per_node * GiB), max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def simulate_one(args, sessions, policy: str, nodes: int) -> dict:
+    from kvpool.bench.replay import summarize
+    from kvpool.sim.cluster import Cluster, Workload, gpu_seconds_per_million
+
+    spec = _spec(args, nodes)
+    workload = Workload(sessions, args.concurrency, args.duration, args.think_scale, args.ramp, args.max_output)
+    t0 = time.process_time()
+    out = Cluster(spec, policy, args.seed).run(workload)
+    figures = summarize(out.records, args.duration)
+    return {**figures, "sent": out.sent, "gpus": nodes * spec.gpus_per_node, "replicas": nodes * spec.replicas_per_node,
+            "engine_kv_tokens_per_replica": spec.costs.kv_capacity_tokens,
+            "host_tier_bytes_per_node": spec.host_bytes_per_node if policy in ("kvpool", "lmcache") else 0,
+            "disk_tier_bytes_per_node": spec.disk_bytes_per_node if policy == "kvpool" else 0,
+            "gpu_s_per_m_input_tokens": gpu_seconds_per_million(out, spec, args.duration),
+            "gpu_busy_share": round(out.busy_s / (args.duration * nodes * spec.replicas_per_node), 3),
+            "bytes_moved": out.bytes, "engine_evicted_blocks": out.engine_evicted_blocks,
+            "route_reasons": out.decisions, "sim_cpu_s": round(time.process_time() - t0, 1)}
+
+
+def run(args) -> dict:
+    from kvpool.traces import read_sessions
+
+    sessions = read_sessions(Path(args.trace), args.trace_format, args.trace_sessions)
+    policies = args.policies or POLICIES
+    node_counts = args.nodes
+    results: dict[str, dict] = {}
+    sweep: dict[str, dict[int, dict]] = {}
+    for policy in policies:
+        for nodes in node_counts:
+            r = simulate_one(args, sessions, policy, nodes)
+            if nodes == node_counts[0]:
+                results[policy] = r
+            sweep.setdefault(policy, {})[r["gpus"]] = {k: r[k] for k in ("ttft_p90_s", "hit_rate", "input_tok_s",
+                                                                          "requests")}
+    out = {"sim": "cluster", "trace": args.trace, "trace_sessions": len(sessions), "hardware": args.hardware,
+           "model": args.model, "tp": args.tp, "nodes": node_counts[0], "concurrency": args.concurrency,
+           "duration_s": args.duration, "policies": results,
+           "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2)}
+    if len(node_counts) > 1:
+        out["sweep"] = sweep
+        out["slo_ttft_p90_s"] = args.slo_ttft_p90
+        out["gpus_needed"] = {p: min((g for g, r in s.items() if r["ttft_p90_s"] <= args.slo_ttft_p90),
+                                     default=None) for p, s in sweep.items()}
+    return out
+
+
+def table(out: dict) -> str:
+    res = out["policies"]
+    rows = ["hit_rate", "bound_hit_rate", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_p50_s", "input_tok_s",
+            "output_tok_s", "requests", "sent", "gpu_s_per_m_input_tokens", "gpu_busy_share",
+            "engine_kv_tokens_per_replica", "host_tier_bytes_per_node", "disk_tier_bytes_per_node", "sim_cpu_s"]
+    lines = ["| metric | " + " | ".join(res) + " |", "|---" * (len(res) + 1) + "|"]
+    for m in rows:
+        lines.append(f"| {m} | " + " | ".join(str(r.get(m, "")) for r in res.values()) + " |")
+    for kind in ("pool_host_to_engine", "pool_disk_to_engine", "pool_writes", "node_links"):
+        lines.append(f"| GB {kind} | " + " | ".join(f"{r['bytes_moved'][kind] / 1e9:.1f}" for r in res.values())
+                     + " |")
+    if "gpus_needed" in out:
+        lines.append(f"| GPUs for TTFT p90 <= {out['slo_ttft_p90_s']} s | "
+                     + " | ".join(str(out["gpus_needed"].get(p)) for p in res) + " |")
+    return "\n".join(lines)

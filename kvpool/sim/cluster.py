@@ -1,0 +1,423 @@
+"""A discrete-event run of one policy on a simulated cluster: N nodes x G GPUs, replicas of TP GPUs each, agent
+sessions from a trace arriving to hold a target concurrency.
+
+What is the project's own code here, not a re-implementation: the routing rule, load book and pool view
+(kvpool.routing.RouterCore, which the router actor runs), the exact prefix index fed by the engines' KV events
+(kvpool.index.PrefixIndex), the block-chain hashing (kvpool.hashing), and the pool's tier budgets and eviction order
+(kvpool.pool_store.to_move_out / eviction_order, which the pool shard runs). The engines are models
+(kvpool.sim.engine), timed by kvpool.sim.costs.
+
+Pool blocks are named by their routing hash: the real pool's blake2b keys name the same prefixes and differ only in
+collision resistance, which matters for loading bytes, and no bytes move here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvpool import hashing
+from kvpool.events import BlockRemoved, BlockStored
+from kvpool.pool_store import BlockFile, to_move_out
+from kvpool.routing import Decision
+from kvpool.sim.costs import StepCosts
+from kvpool.sim.engine import EngineListener, SimEngine, SimRequest
+from kvpool.sim.policies import make_policy, router_core
+from kvpool.traces import Session, _key_seed
+
+
+class BlockNamer:
+    """Chain hashes for a trace's blocks, as the ingress computes them from token ids (kvpool.hashing): a block's
+    tokens are its trace key's seed repeated, so distinct keys are distinct blocks. Memoised per (parent, key): a
+    session's next prompt extends its last one, so each block is hashed once."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.memo: dict[tuple[int, object], int] = {}
+        self.sum_of: dict[int, int] = {}  # chain hash -> running sum S (kvpool.hashing), to continue the chain
+        self.pos_of: dict[int, int] = {}
+        self.parent: dict[int, int | None] = {}
+        self.token_of: dict[int, int] = {}
+
+    def chain(self, keys: list[object]) -> list[int]:
+        out: list[int] = []
+        parent = None
+        for i, key in enumerate(keys):
+            h = self.memo.get((parent or 0, key))
+            if h is None:
+                out += self._hash_rest(keys[i:], parent, i)
+                return out
+            out.append(h)
+            parent = h
+        return out
+
+    def _hash_rest(self, keys: list[object], parent: int | None, pos: int) -> list[int]:
+        bs = self.block_size
+        values = [_key_seed(k) >> 2 for k in keys]  # token ids below 2**62
+        tokens = np.repeat(np.array(values, dtype=np.uint64), bs)
+        seed = self.sum_of[parent] if parent is not None else 0
+        sums = hashing.prefix_sums(tokens, bs, seed, pos)
+        hashes = hashing.hashes_from_sums(sums).tolist()
+        for key, h, s, v in zip(keys, hashes, sums.tolist(), values):
+            self.memo[(parent or 0, key)] = h
+            self.sum_of[h], self.pos_of[h], self.parent[h], self.token_of[h] = s, pos, parent, v
+            parent, pos = h, pos + 1
+        return hashes
+
+    def stored_events(self, hashes: list[int]) -> list[BlockStored]:
+        """BlockStored events for these blocks, one per run that chains parent to child, as an engine sends."""
+        events, run = [], []
+        for h in hashes:
+            if run and self.parent[h] != run[-1]:
+                events.append(self._event(run))
+                run = []
+            run.append(h)
+        if run:
+            events.append(self._event(run))
+        return events
+
+    def _event(self, run: list[int]) -> BlockStored:
+        tokens = np.repeat(np.array([self.token_of[h] for h in run], dtype=np.uint64), self.block_size)
+        return BlockStored(block_hashes=run, parent_block_hash=self.parent[run[0]], token_ids=tokens.tolist(),
+                           block_size=self.block_size)
+
+
+class NodePool:
+    """One node's pool: a host tier and a disk tier with byte budgets, trimmed in the real eviction order."""
+
+    def __init__(self, host_bytes: int, disk_bytes: int, block_bytes: int, session_ttl_s: float):
+        self.budgets = {"host": host_bytes, "disk": disk_bytes}
+        self.block_bytes, self.ttl = block_bytes, session_ttl_s
+        self.files: dict[int, BlockFile] = {}
+        self.added: list[tuple[str, int]] = []
+        self.removed: list[tuple[str, int]] = []
+        self.seq = -1  # the next report is a full one (seq 0)
+
+    def put(self, hashes: list[int], now: float) -> int:
+        """Write blocks to the host tier; returns the bytes written."""
+        n = 0
+        for h in hashes:
+            if h not in self.files:
+                self.files[h] = BlockFile(h, "host", None, self.block_bytes, now)
+                self.added.append(("sim", h))
+                n += 1
+        return n * self.block_bytes
+
+    def leading(self, hashes: list[int], start: int) -> tuple[int, int]:
+        """Blocks held from `start` on, and how many of them are on disk."""
+        n = disk = 0
+        for h in hashes[start:]:
+            f = self.files.get(h)
+            if f is None:
+                break
+            n += 1
+            disk += f.tier == "disk"
+        return n, disk
+
+    def touch(self, hashes: list[int], now: float) -> None:
+        for h in hashes:
+            f = self.files.get(h)
+            if f is not None:
+                f.last_used, f.reused = now, True
+
+    def maintain(self, now: float) -> tuple[int, int]:
+        """The shard's pass: host blocks over budget go to disk (if it has a budget), disk blocks over budget are
+        deleted. Returns (blocks demoted, blocks evicted)."""
+        demoted = evicted = 0
+        held = len(self.files) * self.block_bytes
+        if held <= self.budgets["host"]:  # both tiers fit: nothing to sort
+            return demoted, evicted
+        for tier in ("host", "disk"):
+            in_tier = [f for f in self.files.values() if f.tier == tier]
+            for f in to_move_out(in_tier, self.budgets[tier], now, self.ttl):
+                if tier == "host" and self.budgets["disk"] > 0:
+                    f.tier = "disk"
+                    demoted += 1
+                else:
+                    del self.files[f.key]
+                    self.removed.append(("sim", f.key))
+                    evicted += 1
+        return demoted, evicted
+
+    def report(self) -> tuple[int, list, list]:
+        self.seq += 1
+        added, removed = (sorted(("sim", h) for h in self.files), []) if self.seq == 0 else (self.added,
+                                                                                            self.removed)
+        self.added, self.removed = [], []
+        return self.seq, added, removed
+
+
+class PrivateTier:
+    """One replica's own host tier (LMCache's local CPU backend): LRU, `capacity` blocks."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def put(self, hashes: list[int]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.blocks:
+                n += 1
+            self.blocks[h] = None
+            self.blocks.move_to_end(h)
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+        return n
+
+    def leading(self, hashes: list[int], start: int) -> int:
+        n = 0
+        for h in hashes[start:]:
+            if h not in self.blocks:
+                break
+            self.blocks.move_to_end(h)
+            n += 1
+        return n
+
+
+@dataclass
+class ClusterSpec:
+    nodes: int
+    gpus_per_node: int
+    tp: int
+    costs: StepCosts
+    block_size: int = 64
+    host_bytes_per_node: int = 0  # pool host tier (shared, or split between the node's replicas when private)
+    disk_bytes_per_node: int = 0  # KV-Pool's disk tier
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    running_cost_tokens: int = 64
+    pool_load_cost: float = 0.05
+    pool_fetch_cost: float = 0.1
+    session_ttl_s: float = 600.0
+    pool_period_s: float = 5.0  # the shard's pass; the real one runs every 0.5 s, the reports it sends too
+
+    @property
+    def replicas_per_node(self) -> int:
+        return self.gpus_per_node // self.tp
+
+
+@dataclass
+class Workload:
+    sessions: list[Session]
+    concurrency: int
+    duration_s: float
+    think_scale: float = 1.0
+    ramp_s: float = 60.0  # sessions start spread over this long
+    max_output: int = 0  # 0: the trace's output lengths
+
+
+@dataclass
+class Outcome:
+    records: list = field(default_factory=list)  # kvpool.bench.replay.Record, one per finished request
+    sent: int = 0
+    bytes: dict = field(default_factory=lambda: {"pool_host_to_engine": 0, "pool_disk_to_engine": 0,
+                                                  "pool_writes": 0, "node_links": 0})
+    engine_evicted_blocks: int = 0
+    busy_s: float = 0.0
+    decisions: dict = field(default_factory=dict)
+
+
+class Cluster(EngineListener):
+    def __init__(self, spec: ClusterSpec, policy: str, seed: int = 0):
+        self.spec, self.block_size = spec, spec.block_size
+        self.rng = random.Random(seed)
+        self.replicas = [f"r{i}" for i in range(spec.nodes * spec.replicas_per_node)]
+        self.node_of = {r: f"n{i // spec.replicas_per_node}" for i, r in enumerate(self.replicas)}
+        self.policy = make_policy(policy, self, self.rng)
+        self.core = router_core(self, spec.running_cost_tokens, spec.pool_load_cost, spec.pool_fetch_cost,
+                                self.rng)
+        block_bytes = spec.costs.kv_bytes_per_token * spec.block_size
+        self.block_bytes = block_bytes
+        self.pools = {n: NodePool(spec.host_bytes_per_node, spec.disk_bytes_per_node, block_bytes,
+                                  spec.session_ttl_s) for n in set(self.node_of.values())} \
+            if self.policy.tier == "shared" else {}
+        per_replica = spec.host_bytes_per_node // spec.replicas_per_node // block_bytes
+        self.private = {r: PrivateTier(per_replica) for r in self.replicas} if self.policy.tier == "private" else {}
+        pool_hits = self._shared_hits if self.pools else self._private_hits if self.private else None
+        self.engines = {r: SimEngine(r, self.node_of[r], spec.costs, spec.block_size, self,
+                                     spec.max_num_seqs, spec.max_num_batched_tokens, self.policy.prefix_caching,
+                                     pool_hits) for r in self.replicas}
+        self.out = Outcome()
+        self.now = 0.0
+        self._heap: list = []
+        self._tie = itertools.count()
+        self._version = {r: 0 for r in self.replicas}
+        self._sessions: dict[str, tuple[Session, int]] = {}  # live session -> (its trace, next turn)
+
+    # --- the connector's part: pool tiers behind the engines --------------------------------------------------
+
+    def _load_s(self, blocks: int, disk: int) -> float:
+        c = self.spec.costs
+        return blocks * self.block_bytes / c.load_bytes_per_s + disk * self.block_bytes / c.disk_bytes_per_s
+
+    def _shared_hits(self, engine: SimEngine, req: SimRequest, hit: int) -> tuple[int, float]:
+        pool = self.pools[engine.node]
+        n, disk = pool.leading(req.hashes, hit)
+        pool.touch(req.hashes[:hit + n], self.now)
+        self.out.bytes["pool_host_to_engine"] += (n - disk) * self.block_bytes
+        self.out.bytes["pool_disk_to_engine"] += disk * self.block_bytes
+        return n, self._load_s(n, disk)
+
+    def _private_hits(self, engine: SimEngine, req: SimRequest, hit: int) -> tuple[int, float]:
+        n = self.private[engine.name].leading(req.hashes, hit)
+        self.out.bytes["pool_host_to_engine"] += n * self.block_bytes
+        return n, self._load_s(n, 0)
+
+    # --- what engines report ----------------------------------------------------------------------------------
+
+    def stored(self, engine, hashes):
+        if self.policy.uses_index:
+            for ev in self.namer.stored_events(hashes):
+                self.core.index.apply(engine.name, ev)
+        if self.pools:  # the connector saves every computed block
+            self.out.bytes["pool_writes"] += self.pools[engine.node].put(hashes, self.now)
+        elif self.private:
+            self.out.bytes["pool_writes"] += self.private[engine.name].put(hashes) * self.block_bytes
+
+    def removed(self, engine, hashes):
+        if self.policy.uses_index:
+            self.core.index.apply(engine.name, BlockRemoved(block_hashes=hashes))
+
+    def first_token(self, engine, req):
+        self.core.book.started(req.rid, engine.name)
+
+    def finished(self, engine, req):
+        from kvpool.bench.replay import Record
+
+        self.core.book.finished(req.rid)
+        rec = Record(req.session, req.turn, req.sent_at, prompt_tokens=req.prompt_tokens,
+                     cached_tokens=req.cached_tokens + req.loaded_tokens, completion_tokens=req.max_tokens,
+                     bound_tokens=req.bound_tokens, ttft_s=req.first_token_at - req.sent_at,
+                     latency_s=req.finished_at - req.sent_at, max_tokens=req.max_tokens)
+        if req.finished_at <= self.duration:
+            self.out.records.append(rec)
+        session, turn = self._sessions[req.session]
+        if turn < len(session.turns):
+            self._push(req.finished_at + session.turns[turn].think_s * self.workload.think_scale, "send",
+                       req.session)
+        else:
+            del self._sessions[req.session]
+            self._start_next_session(req.finished_at)
+
+    # --- the event loop -----------------------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: str, payload) -> None:
+        heapq.heappush(self._heap, (t, next(self._tie), kind, payload))
+
+    def _schedule(self, engine: SimEngine) -> None:
+        t = engine.next_event_s()
+        if t is not None:
+            self._version[engine.name] += 1
+            self._push(t, "engine", (engine.name, self._version[engine.name]))
+
+    def _start_next_session(self, t: float) -> None:
+        i = next(self._next_session)
+        base = self.workload.sessions[i % len(self.workload.sessions)]
+        lap = i // len(self.workload.sessions)  # a trace replayed again is a new session: new keys
+        name = f"{base.name}#{lap}" if lap else base.name
+        self._sessions[name] = (base, 0)
+        self._lap[name] = lap
+        self._push(t, "send", name)
+
+    def _send(self, name: str) -> None:
+        session, turn = self._sessions[name]
+        self._sessions[name] = (session, turn + 1)
+        t = session.turns[turn]
+        lap = self._lap[name]
+        keys = self._block_keys(t.blocks)
+        prompt_tokens = sum(n for _, n in t.blocks)
+        # As the ingress: the full blocks before the prompt's last token can be cache hits.
+        keys = keys[:(prompt_tokens - 1) // self.block_size]
+        hashes = self.namer.chain([(lap, k) for k in keys] if lap else keys)
+        max_tokens = min(t.max_tokens, self.workload.max_output) if self.workload.max_output else t.max_tokens
+        bound = 0
+        for h in hashes:
+            if h not in self._seen:
+                break
+            bound += 1
+        self._seen.update(hashes)
+        req = SimRequest(f"{name}/{turn}", name, turn, hashes, prompt_tokens, max(1, max_tokens), self.now,
+                         bound_tokens=bound * self.block_size)
+        self.out.sent += 1
+        replica, decision = self.policy.route(req)
+        self.out.decisions[decision.reason if decision else "policy"] = \
+            self.out.decisions.get(decision.reason if decision else "policy", 0) + 1
+        delay = self._fetch(decision, req) if decision and decision.fetch and self.pools else 0.0
+        if delay:
+            self._push(self.now + delay, "arrive", (replica, req))
+        else:
+            self._arrive(replica, req)
+
+    def _block_keys(self, pieces: list[tuple[object, int]]) -> list[object]:
+        """A trace prompt's pieces (content key, tokens; all full but the last) as engine blocks: a piece longer
+        than a block is that many blocks, keyed (key, j)."""
+        bs, keys = self.block_size, []
+        for key, n in pieces:
+            keys += [key] if n <= bs else [(key, j) for j in range(-(-n // bs))]
+        return keys
+
+    def _fetch(self, d: Decision, req: SimRequest) -> float:
+        """Copy the blocks the decision names from another node's pool into the chosen node's; returns the time."""
+        bs = self.block_size
+        keys = req.hashes[d.fetch.start_token // bs:d.fetch.end_token // bs]
+        source, target = self.pools[d.fetch.source_node], self.pools[self.node_of[d.replica]]
+        have = [h for h in keys if h in source.files]
+        target.put(have, self.now)
+        moved = len(have) * self.block_bytes
+        self.out.bytes["node_links"] += moved
+        c = self.spec.costs
+        return c.link_latency_s + moved / c.link_bytes_per_s
+
+    def _arrive(self, replica: str, req: SimRequest) -> None:
+        engine = self.engines[replica]
+        engine.submit(req, self.now)
+        self._schedule(engine)
+
+    def run(self, workload: Workload) -> Outcome:
+        self.workload, self.duration = workload, workload.duration_s
+        self.namer = BlockNamer(self.block_size)
+        self._seen: set[int] = set()
+        self._lap: dict[str, int] = {}
+        self._next_session = itertools.count()
+        for i in range(workload.concurrency):
+            self._start_next_session(workload.ramp_s * i / max(1, workload.concurrency))
+        if self.pools:
+            self._push(self.spec.pool_period_s, "maintain", None)
+        while self._heap:
+            t, _, kind, payload = heapq.heappop(self._heap)
+            if t > workload.duration_s:
+                break
+            self.now = t
+            if kind == "send":
+                self._send(payload)
+            elif kind == "arrive":
+                self._arrive(*payload)
+            elif kind == "engine":
+                name, version = payload
+                if version == self._version[name]:
+                    engine = self.engines[name]
+                    engine.advance()
+                    self._schedule(engine)
+            elif kind == "maintain":
+                self._maintain()
+                self._push(t + self.spec.pool_period_s, "maintain", None)
+        self.out.engine_evicted_blocks = sum(e.evicted_blocks for e in self.engines.values())
+        self.out.busy_s = sum(min(e.busy_s, self.duration) for e in self.engines.values())
+        return self.out
+
+    def _maintain(self) -> None:
+        for node, pool in self.pools.items():
+            pool.maintain(self.now)
+            self.core.pool.update(node, *pool.report())
+
+
+def gpu_seconds_per_million(outcome: Outcome, spec: ClusterSpec, duration_s: float) -> float | None:
+    tokens = sum(r.prompt_tokens for r in outcome.records)
+    gpus = spec.nodes * spec.gpus_per_node
+    return round(gpus * duration_s / (tokens / 1e6), 1) if tokens else None

@@ -1,0 +1,257 @@
+"""A simulated engine replica: vLLM's scheduler and prefix cache in miniature, timed by a cost model.
+
+Memory is vLLM's block pool: cached blocks are referenced by running requests or sit free in LRU order (a request
+frees its blocks last-first, so a chain's tail goes before its head, as in vLLM's FreeKVCacheBlockQueue); a new
+block takes an unused one, else evicts the least recently used free one. A waiting request is admitted, first come
+first served, when its blocks fit (prompt + output, less its cache hit) and fewer than `max_num_seqs` run; nothing
+is preempted. Each step decodes one token for every decoding request and fills the rest of `max_num_batched_tokens`
+with prefill, oldest first (chunked prefill). Steps with the same make-up run as one macro-step; a request arriving
+mid-way cuts it at the next step boundary, so admission happens when it would in the engine.
+
+A replica tells its listener what a real one publishes: the blocks it stored and removed (KV events), a request's
+first token and its end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvpool.sim.costs import StepCosts
+
+
+@dataclass
+class SimRequest:
+    rid: str
+    session: str
+    turn: int
+    hashes: list[int]  # chain hashes of the prompt's full blocks before its last token (what can be cached)
+    prompt_tokens: int
+    max_tokens: int
+    sent_at: float
+    bound_tokens: int = 0
+    # filled in as it runs
+    replica: str = ""
+    cached_tokens: int = 0  # taken from the engine's prefix cache
+    loaded_tokens: int = 0  # loaded from a pool tier into the engine
+    load_s: float = 0.0  # stall of the step that loads them
+    arrived_at: float = 0.0  # at the replica (after any cross-node copy)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    prefill_left: int = 0
+    decode_left: int = 0
+    blocks_held: int = 0  # uncached blocks allocated to it (new prompt blocks until stored, output, partial)
+    refs: list[int] = field(default_factory=list)  # cached blocks it references
+
+
+class EngineListener:
+    """What a replica reports; the cluster overrides what it needs."""
+
+    def stored(self, engine: "SimEngine", hashes: list[int]) -> None: ...
+
+    def removed(self, engine: "SimEngine", hashes: list[int]) -> None: ...
+
+    def first_token(self, engine: "SimEngine", req: SimRequest) -> None: ...
+
+    def finished(self, engine: "SimEngine", req: SimRequest) -> None: ...
+
+
+class SimEngine:
+    def __init__(self, name: str, node: str, costs: StepCosts, block_size: int, listener: EngineListener,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, prefix_caching: bool = True,
+                 pool_hits: Callable[["SimEngine", SimRequest, int], tuple[int, float]] | None = None):
+        """`pool_hits(engine, request, engine_hit_blocks)` -> (blocks a pool tier adds after the engine's hit,
+        seconds the load stalls the step): the connector's part, None without one."""
+        self.name, self.node, self.costs, self.block_size = name, node, costs, block_size
+        self.listener = listener
+        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.prefix_caching = prefix_caching
+        self.pool_hits = pool_hits
+        self.capacity = costs.kv_capacity_tokens // block_size
+        self.free: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recently used first
+        self.refs: dict[int, int] = {}  # cached and referenced: block -> running requests that use it
+        self.held = 0  # uncached blocks of running requests
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self.clock = 0.0
+        # The macro-step in progress: its start, step time, number of steps, and what each step does.
+        self._plan: tuple[float, float, int, list[SimRequest], list[tuple[SimRequest, int]]] | None = None
+        self.busy_s = 0.0
+        self.evicted_blocks = 0
+
+    # --- the cluster's calls ----------------------------------------------------------------------------------
+
+    def submit(self, req: SimRequest, now: float) -> None:
+        req.arrived_at, req.replica = now, self.name
+        self.waiting.append(req)
+        if self._plan is None:
+            self.clock = max(self.clock, now)
+        else:  # admit it at the next step boundary: cut the macro-step there
+            start, step_s, k, decodes, prefills = self._plan
+            done = min(k, max(1, math.floor((now - start) / step_s) + 1))
+            self._plan = (start, step_s, done, decodes, prefills)
+
+    def next_event_s(self) -> float | None:
+        """When the macro-step in progress ends (None: idle, or it has not planned since a submit)."""
+        if self._plan is None:
+            return self.clock if self.waiting else None
+        start, step_s, k, _, _ = self._plan
+        return start + k * step_s
+
+    def advance(self) -> None:
+        """Finish the macro-step in progress (if any) and plan the next."""
+        if self._plan is not None:
+            self._finish_plan()
+        self._admit()
+        self._make_plan()
+
+    def cached_blocks(self) -> int:
+        return len(self.free) + len(self.refs)
+
+    # --- memory -----------------------------------------------------------------------------------------------
+
+    def _hit_blocks(self, req: SimRequest) -> int:
+        if not self.prefix_caching:
+            return 0
+        n = 0
+        for h in req.hashes:
+            if h not in self.refs and h not in self.free:
+                break
+            n += 1
+        return n
+
+    def _allocate(self, n: int) -> None:
+        """Make room for `n` new blocks (the caller checked they fit): unused ones first, then the LRU free ones."""
+        unused = self.capacity - self.held - len(self.refs) - len(self.free)
+        evict = n - unused
+        if evict > 0:
+            gone = [self.free.popitem(last=False)[0] for _ in range(evict)]
+            self.evicted_blocks += evict
+            self.listener.removed(self, gone)
+        self.held += n
+
+    def _ref(self, h: int) -> None:
+        if h in self.free:
+            del self.free[h]
+            self.refs[h] = 1
+        else:
+            self.refs[h] = self.refs.get(h, 0) + 1
+
+    def _unref(self, h: int) -> None:
+        c = self.refs[h] - 1
+        if c:
+            self.refs[h] = c
+        else:
+            del self.refs[h]
+            self.free[h] = None
+
+    def _admit(self) -> None:
+        bs = self.block_size
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hit = self._hit_blocks(req)
+            loaded, load_s = self.pool_hits(self, req, hit) if self.pool_hits else (0, 0.0)
+            total = math.ceil((req.prompt_tokens + req.max_tokens) / bs)
+            need = total - hit
+            evictable = len(self.free) - sum(1 for h in req.hashes[:hit] if h in self.free)
+            if need > self.capacity - self.held - len(self.refs) - len(self.free) + evictable:
+                if not self.running and need > self.capacity:
+                    raise ValueError(f"a request of {total} blocks cannot fit {self.capacity} blocks of KV")
+                return
+            self.waiting.popleft()
+            for h in req.hashes[:hit]:
+                self._ref(h)
+            req.refs = list(req.hashes[:hit])
+            self._allocate(need)
+            req.blocks_held = need
+            if loaded:  # loaded blocks are cached at once (their KV is complete)
+                new = req.hashes[hit:hit + loaded]
+                self._store(req, new)
+            req.cached_tokens, req.loaded_tokens, req.load_s = hit * bs, loaded * bs, load_s
+            req.prefill_left = req.prompt_tokens - (hit + loaded) * bs
+            req.decode_left = req.max_tokens
+            self.running.append(req)
+
+    def _store(self, req: SimRequest, hashes: list[int]) -> None:
+        """The request's blocks `hashes` are full and computed (or loaded): they join the prefix cache."""
+        stored = []
+        for h in hashes:
+            known = h in self.refs or h in self.free
+            self._ref(h)
+            req.refs.append(h)
+            req.blocks_held -= 1
+            self.held -= 1
+            if not known:
+                stored.append(h)
+        if stored and self.prefix_caching:
+            self.listener.stored(self, stored)
+
+    def _release(self, req: SimRequest) -> None:
+        self.held -= req.blocks_held
+        req.blocks_held = 0
+        for h in reversed(req.refs):  # tail first: the LRU end evicts a chain from its end
+            self._unref(h)
+        if not self.prefix_caching:
+            for h in req.refs:
+                self.free.pop(h, None)
+        req.refs = []
+
+    # --- steps ------------------------------------------------------------------------------------------------
+
+    def _make_plan(self) -> None:
+        decodes = [r for r in self.running if r.prefill_left == 0]
+        prefilling = [r for r in self.running if r.prefill_left > 0]
+        if not decodes and not prefilling:
+            self._plan = None
+            return
+        budget = max(0, self.budget - len(decodes))
+        prefills: list[tuple[SimRequest, int]] = []
+        for r in prefilling:
+            if budget <= 0:
+                break
+            chunk = min(r.prefill_left, budget)
+            prefills.append((r, chunk))
+            budget -= chunk
+        # Repeat the step while nothing changes: the first prefill still has more than a chunk left, and no
+        # decode finishes.
+        k = min((r.decode_left for r in decodes), default=math.inf)
+        if prefills:
+            head, chunk = prefills[0]
+            k = min(k, max(1, head.prefill_left // chunk) if len(prefills) == 1 else 1)
+        k = int(max(1, k))
+        p_tokens = sum(c for _, c in prefills)
+        # Mean context a prefill token attends to, over the k steps (the chunks' offsets grow step by step).
+        p_ctx = (sum((r.prompt_tokens - r.prefill_left + c * k / 2) * c for r, c in prefills) / p_tokens
+                 if p_tokens else 0.0)
+        d_ctx = sum(r.prompt_tokens + r.max_tokens - r.decode_left for r in decodes)
+        step_s = self.costs.step_s(len(decodes), d_ctx, p_tokens, p_ctx)
+        stall = sum(r.load_s for r, _ in prefills)  # loads run before the step's forward pass
+        for r, _ in prefills:
+            r.load_s = 0.0
+        start = self.clock + stall
+        self.busy_s += stall
+        self._plan = (start, step_s, k, decodes, prefills)
+
+    def _finish_plan(self) -> None:
+        start, step_s, k, decodes, prefills = self._plan
+        end = start + k * step_s
+        self.busy_s += k * step_s
+        self.clock = end
+        self._plan = None
+        for r in decodes:
+            r.decode_left -= k
+        for r, chunk in prefills:
+            r.prefill_left -= chunk * k
+            if r.prefill_left == 0:  # its last chunk samples the first token
+                done_blocks = len(r.refs)
+                self._store(r, r.hashes[done_blocks:])
+                r.first_token_at = end
+                r.decode_left -= 1
+                self.listener.first_token(self, r)
+        for r in [r for r in self.running if r.prefill_left == 0 and r.decode_left <= 0]:
+            r.finished_at = end
+            self.running.remove(r)
+            self._release(r)
+            self.listener.finished(self, r)

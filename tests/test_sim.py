@@ -1,0 +1,132 @@
+"""The cluster simulator: it runs the project's own routing and pool code on modelled engines, driven by real
+kv-cache-tester conversations."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvpool import hashing
+from kvpool.bench.replay import summarize
+from kvpool.pool_store import BlockFile, eviction_order
+from kvpool.sim.cluster import BlockNamer, Cluster, ClusterSpec, NodePool, Workload
+from kvpool.sim.costs import profile
+from kvpool.sim.policies import POLICIES
+from kvpool.traces import read_sessions
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "kv-cache-tester"
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    return read_sessions(TRACE, "kv-cache-tester", 24)
+
+
+def small_spec(host_bytes: int = 0, kv_tokens: int = 400_000) -> ClusterSpec:
+    # 2 nodes x 2 H200s, engine KV cut so that 12 long sessions do not fit it: the pool has work to do.
+    return ClusterSpec(nodes=2, gpus_per_node=2, tp=1, costs=profile("h200", "llama-3.1-8b", 1, kv_tokens),
+                       host_bytes_per_node=host_bytes)
+
+
+def run(policy: str, sessions, spec: ClusterSpec, duration: float = 600) -> tuple[Cluster, dict]:
+    cluster = Cluster(spec, policy, seed=1)
+    out = cluster.run(Workload(sessions, concurrency=12, duration_s=duration, ramp_s=10))
+    return cluster, summarize(out.records, duration)
+
+
+def test_block_names_are_the_ingress_hashes_of_the_blocks_tokens():
+    namer = BlockNamer(64)
+    keys = [("t", i) for i in range(5)]
+    chain = namer.chain(keys)
+    tokens = np.repeat(np.array([namer.token_of[h] for h in chain], dtype=np.uint64), 64)
+    assert chain == hashing.block_hashes(tokens, 64).tolist()
+    # A longer prompt extends the chain; a different block in the middle forks it.
+    assert namer.chain(keys + [("t", 9)])[:5] == chain
+    forked = namer.chain(keys[:2] + [("u", 0)] + keys[3:])
+    assert forked[:2] == chain[:2] and not set(forked[2:]) & set(chain)
+
+
+def test_every_policy_serves_the_trace_within_its_bound(sessions):
+    spec = small_spec(host_bytes=64 * GiB)
+    results = {p: run(p, sessions, spec)[1] for p in POLICIES}
+    for name, r in results.items():
+        assert r["requests"] > 50, (name, r)
+        assert r["hit_rate"] <= r["bound_hit_rate"] + 1e-9, (name, r)
+    assert results["no-cache"]["hit_rate"] == 0
+    # With a host tier that holds the working set, KV-Pool serves nearly all that any cache could.
+    assert results["kvpool"]["hit_rate"] >= 0.95 * results["kvpool"]["bound_hit_rate"], results["kvpool"]
+    for peer in ("no-cache", "p2c", "rayllm-prefix", "session-sticky", "kv-overlap", "lmcache", "kvpool-router"):
+        assert results["kvpool"]["hit_rate"] > results[peer]["hit_rate"], (peer, results[peer], results["kvpool"])
+
+
+def test_the_router_predicts_what_the_modelled_engines_hold(sessions):
+    """The index is fed only the engines' KV events, as in the real router: its predictions are what the
+    engines then have cached (exact unless a block is evicted between routing and admission)."""
+    cluster = Cluster(small_spec(), "kvpool-router", seed=1)
+    predicted, actual = {}, {}
+    route = cluster.policy.route
+
+    def spy(req):
+        replica, d = route(req)
+        predicted[req.rid] = d.predicted_cached_tokens
+        return replica, d
+
+    cluster.policy.route = spy
+    finished = cluster.finished
+
+    def on_finished(engine, req):
+        actual[req.rid] = req.cached_tokens
+        finished(engine, req)
+
+    cluster.finished = on_finished
+    cluster.run(Workload(sessions, concurrency=12, duration_s=600, ramp_s=10))
+    assert len(actual) > 50
+    exact = sum(predicted[r] == actual[r] for r in actual) / len(actual)
+    assert exact >= 0.9, exact
+    assert sum(actual.values()) > 0
+
+
+def test_engines_account_for_every_block(sessions):
+    cluster, _ = run("kvpool", sessions, small_spec(host_bytes=8 * GiB), duration=300)
+    for e in cluster.engines.values():
+        running = sum(r.blocks_held for r in e.running)
+        assert e.held == running
+        assert e.held + len(e.refs) + len(e.free) <= e.capacity
+        assert set(e.refs).isdisjoint(e.free)
+        # The router's index holds exactly the engine's cached blocks.
+        assert cluster.core.index.num_blocks(e.name) == len(e.refs) + len(e.free)
+
+
+def test_the_pool_keeps_its_budgets_in_the_shards_eviction_order():
+    pool = NodePool(host_bytes=4 * 100, disk_bytes=2 * 100, block_bytes=100, session_ttl_s=600)
+    pool.put([1, 2, 3], now=0.0)
+    pool.touch([1], now=5.0)  # a session came back to block 1
+    pool.put([4, 5, 6, 7], now=10.0)
+    before = list(pool.files.values())
+    order = [f.key for f in eviction_order([BlockFile(f.key, f.tier, None, f.size, f.last_used, f.reused)
+                                            for f in before], 20.0, 600)]
+    pool.maintain(now=20.0)
+    held = {t: sorted(f.key for f in pool.files.values() if f.tier == t) for t in ("host", "disk")}
+    # 7 blocks, 4 fit the host tier, 2 the disk: the first 3 in eviction order leave the host, the first 1 the pool.
+    assert held["host"] == sorted(order[3:]) and held["disk"] == sorted(order[1:3])
+    assert 1 in held["host"]  # reused within the TTL: the last to go
+    seq, added, removed = pool.report()
+    assert seq == 0 and {k for _, k in added} == set(pool.files) and removed == []
+
+
+def test_simulate_prints_one_json_line_with_every_policy():
+    proc = subprocess.run([sys.executable, "-m", "kvpool.cli", "simulate", "--trace", str(TRACE), "--json",
+                           "--trace-sessions", "8", "--concurrency", "8", "--duration", "120", "--nodes", "1", "2",
+                           "--policies", "p2c", "kvpool", "--slo-ttft-p90", "1000"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(out["policies"]) == ["p2c", "kvpool"]
+    for r in out["policies"].values():
+        assert 0 <= r["hit_rate"] <= r["bound_hit_rate"] <= 1 and r["requests"] > 0
+    assert set(out["sweep"]["kvpool"]) == {"8", "16"} or set(out["sweep"]["kvpool"]) == {8, 16}
+    assert out["gpus_needed"]["kvpool"] == 8  # a lax SLO: the smallest cluster holds it
