@@ -131,10 +131,16 @@ def main(argv: list[str] | None = None) -> None:
                      help="pool host tier per node (KV-Pool: shared by the node; lmcache: split per replica)")
     sim.add_argument("--disk-gib-per-node", type=float, default=0, help="KV-Pool's disk tier per node")
     sim.add_argument("--block-size", type=int, default=64, help="tokens per block (the trace's: kv-cache-tester 64)")
+    sim.add_argument("--max-model-len", type=int, default=0,
+                     help="longer requests are refused, as vLLM does (0: as long as a replica's KV holds)")
     sim.add_argument("--max-num-seqs", type=int, default=256)
     sim.add_argument("--max-num-batched-tokens", type=int, default=8192)
     sim.add_argument("--concurrency", type=int, default=1024, help="sessions held live at once")
-    sim.add_argument("--duration", type=float, default=3600, help="simulated seconds")
+    sim.add_argument("--duration", type=float, default=3600,
+                     help="simulated seconds (0: a fixed workload, every session once to its end)")
+    sim.add_argument("--max-context", type=int, default=0,
+                     help="0: full length; else the sessions a replay with this --max-context sends (to predict one)")
+    sim.add_argument("--turns", type=int, default=0, help="with --max-context: at most this many turns per session")
     sim.add_argument("--think-scale", type=float, default=1.0)
     sim.add_argument("--ramp", type=float, default=60, help="seconds over which the first sessions start")
     sim.add_argument("--max-output", type=int, default=0, help="cap output tokens (0: the trace's)")

@@ -15,7 +15,7 @@ from kvpool.pool_store import BlockFile, eviction_order
 from kvpool.sim.cluster import BlockNamer, Cluster, ClusterSpec, NodePool, Workload
 from kvpool.sim.costs import profile
 from kvpool.sim.policies import POLICIES
-from kvpool.traces import read_sessions
+from kvpool.sim.workload import load
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "kv-cache-tester"
 GiB = 1 << 30
@@ -23,7 +23,7 @@ GiB = 1 << 30
 
 @pytest.fixture(scope="module")
 def sessions():
-    return read_sessions(TRACE, "kv-cache-tester", 24)
+    return load(TRACE, "kv-cache-tester", 24, 64)
 
 
 def small_spec(host_bytes: int = 0, kv_tokens: int = 400_000) -> ClusterSpec:
@@ -40,13 +40,13 @@ def run(policy: str, sessions, spec: ClusterSpec, duration: float = 600) -> tupl
 
 def test_block_names_are_the_ingress_hashes_of_the_blocks_tokens():
     namer = BlockNamer(64)
-    keys = [("t", i) for i in range(5)]
+    keys = [7, 1, 2, 3, 1 << 40]
     chain = namer.chain(keys)
-    tokens = np.repeat(np.array([namer.token_of[h] for h in chain], dtype=np.uint64), 64)
+    tokens = np.repeat(np.array(keys, dtype=np.uint64), 64)
     assert chain == hashing.block_hashes(tokens, 64).tolist()
     # A longer prompt extends the chain; a different block in the middle forks it.
-    assert namer.chain(keys + [("t", 9)])[:5] == chain
-    forked = namer.chain(keys[:2] + [("u", 0)] + keys[3:])
+    assert namer.chain(keys + [9]) == chain + hashing.block_hashes(np.append(tokens, [9] * 64), 64).tolist()[5:]
+    forked = namer.chain(keys[:2] + [5] + keys[3:])
     assert forked[:2] == chain[:2] and not set(forked[2:]) & set(chain)
 
 

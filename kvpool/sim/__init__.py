@@ -27,7 +27,7 @@ def _spec(args, nodes: int):
     return ClusterSpec(nodes=nodes, gpus_per_node=gpus, tp=args.tp, costs=costs, block_size=args.block_size,
                        host_bytes_per_node=int(args.host_gib_per_node * GiB),
                        disk_bytes_per_node=int(args.disk_gib_per_node * GiB), max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
 
 
 def simulate_one(args, sessions, policy: str, nodes: int) -> dict:
@@ -38,21 +38,23 @@ def simulate_one(args, sessions, policy: str, nodes: int) -> dict:
     workload = Workload(sessions, args.concurrency, args.duration, args.think_scale, args.ramp, args.max_output)
     t0 = time.process_time()
     out = Cluster(spec, policy, args.seed).run(workload)
-    figures = summarize(out.records, args.duration)
-    return {**figures, "sent": out.sent, "gpus": nodes * spec.gpus_per_node, "replicas": nodes * spec.replicas_per_node,
+    figures = summarize(out.records, out.makespan_s)
+    return {**figures, "sent": out.sent, "refused_too_long": out.refused, "max_model_len": spec.max_model_len or None, "gpus": nodes * spec.gpus_per_node, "replicas": nodes * spec.replicas_per_node,
             "engine_kv_tokens_per_replica": spec.costs.kv_capacity_tokens,
             "host_tier_bytes_per_node": spec.host_bytes_per_node if policy in ("kvpool", "lmcache") else 0,
             "disk_tier_bytes_per_node": spec.disk_bytes_per_node if policy == "kvpool" else 0,
-            "gpu_s_per_m_input_tokens": gpu_seconds_per_million(out, spec, args.duration),
-            "gpu_busy_share": round(out.busy_s / (args.duration * nodes * spec.replicas_per_node), 3),
+            "gpu_s_per_m_input_tokens": gpu_seconds_per_million(out, spec, out.makespan_s),
+            "gpu_busy_share": round(out.busy_s / (out.makespan_s * nodes * spec.replicas_per_node), 3)
+            if out.makespan_s else None,
             "bytes_moved": out.bytes, "engine_evicted_blocks": out.engine_evicted_blocks,
             "route_reasons": out.decisions, "sim_cpu_s": round(time.process_time() - t0, 1)}
 
 
 def run(args) -> dict:
-    from kvpool.traces import read_sessions
+    from kvpool.sim.workload import load
 
-    sessions = read_sessions(Path(args.trace), args.trace_format, args.trace_sessions)
+    sessions = load(Path(args.trace), args.trace_format, args.trace_sessions, args.block_size, args.max_context,
+                    args.max_output, args.turns)
     policies = args.policies or POLICIES
     node_counts = args.nodes
     results: dict[str, dict] = {}

@@ -28,45 +28,42 @@ from kvpool.routing import Decision
 from kvpool.sim.costs import StepCosts
 from kvpool.sim.engine import EngineListener, SimEngine, SimRequest
 from kvpool.sim.policies import make_policy, router_core
-from kvpool.traces import Session, _key_seed
+from kvpool.sim.workload import SimSession
 
 
 class BlockNamer:
-    """Chain hashes for a trace's blocks, as the ingress computes them from token ids (kvpool.hashing): a block's
-    tokens are its trace key's seed repeated, so distinct keys are distinct blocks. Memoised per (parent, key): a
-    session's next prompt extends its last one, so each block is hashed once."""
+    """Chain hashes for trace blocks, as the ingress computes them from token ids (kvpool.hashing): a block's tokens
+    are its key repeated, so distinct keys are distinct blocks. Memoised per (parent, key), so each block is hashed
+    once however many prompts carry it."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
-        self.memo: dict[tuple[int, object], int] = {}
+        self.memo: dict[tuple[int, int], int] = {}
         self.sum_of: dict[int, int] = {}  # chain hash -> running sum S (kvpool.hashing), to continue the chain
-        self.pos_of: dict[int, int] = {}
         self.parent: dict[int, int | None] = {}
         self.token_of: dict[int, int] = {}
 
-    def chain(self, keys: list[object]) -> list[int]:
+    def chain(self, keys, parent: int | None = None, pos: int = 0) -> list[int]:
+        """The chain hashes of blocks `keys` (ints below 2**62), after block `parent` at position `pos`."""
         out: list[int] = []
-        parent = None
+        memo = self.memo
         for i, key in enumerate(keys):
-            h = self.memo.get((parent or 0, key))
+            h = memo.get((parent or 0, key))
             if h is None:
-                out += self._hash_rest(keys[i:], parent, i)
-                return out
+                return out + self._hash_rest(list(keys[i:]), parent, pos + i)
             out.append(h)
             parent = h
         return out
 
-    def _hash_rest(self, keys: list[object], parent: int | None, pos: int) -> list[int]:
+    def _hash_rest(self, keys: list[int], parent: int | None, pos: int) -> list[int]:
         bs = self.block_size
-        values = [_key_seed(k) >> 2 for k in keys]  # token ids below 2**62
-        tokens = np.repeat(np.array(values, dtype=np.uint64), bs)
-        seed = self.sum_of[parent] if parent is not None else 0
-        sums = hashing.prefix_sums(tokens, bs, seed, pos)
+        tokens = np.repeat(np.asarray(keys, dtype=np.uint64), bs)
+        sums = hashing.prefix_sums(tokens, bs, self.sum_of[parent] if parent is not None else 0, pos)
         hashes = hashing.hashes_from_sums(sums).tolist()
-        for key, h, s, v in zip(keys, hashes, sums.tolist(), values):
+        for key, h, s in zip(keys, hashes, sums.tolist()):
             self.memo[(parent or 0, key)] = h
-            self.sum_of[h], self.pos_of[h], self.parent[h], self.token_of[h] = s, pos, parent, v
-            parent, pos = h, pos + 1
+            self.sum_of[h], self.parent[h], self.token_of[h] = s, parent, key
+            parent = h
         return hashes
 
     def stored_events(self, hashes: list[int]) -> list[BlockStored]:
@@ -83,7 +80,8 @@ class BlockNamer:
 
     def _event(self, run: list[int]) -> BlockStored:
         tokens = np.repeat(np.array([self.token_of[h] for h in run], dtype=np.uint64), self.block_size)
-        return BlockStored(block_hashes=run, parent_block_hash=self.parent[run[0]], token_ids=tokens.tolist(),
+        # token_ids as an array: the index hashes it as it is (an engine's event carries a list).
+        return BlockStored(block_hashes=run, parent_block_hash=self.parent[run[0]], token_ids=tokens,
                            block_size=self.block_size)
 
 
@@ -195,6 +193,7 @@ class ClusterSpec:
     pool_load_cost: float = 0.05
     pool_fetch_cost: float = 0.1
     session_ttl_s: float = 600.0
+    max_model_len: int = 0  # 0: as long as the engine's KV holds
     pool_period_s: float = 5.0  # the shard's pass; the real one runs every 0.5 s, the reports it sends too
 
     @property
@@ -204,9 +203,9 @@ class ClusterSpec:
 
 @dataclass
 class Workload:
-    sessions: list[Session]
+    sessions: list[SimSession]
     concurrency: int
-    duration_s: float
+    duration_s: float  # 0: a fixed workload, every session once to its end
     think_scale: float = 1.0
     ramp_s: float = 60.0  # sessions start spread over this long
     max_output: int = 0  # 0: the trace's output lengths
@@ -216,10 +215,12 @@ class Workload:
 class Outcome:
     records: list = field(default_factory=list)  # kvpool.bench.replay.Record, one per finished request
     sent: int = 0
+    refused: int = 0  # longer than max_model_len
     bytes: dict = field(default_factory=lambda: {"pool_host_to_engine": 0, "pool_disk_to_engine": 0,
                                                   "pool_writes": 0, "node_links": 0})
     engine_evicted_blocks: int = 0
     busy_s: float = 0.0
+    makespan_s: float = 0.0  # the duration, or for a fixed workload the time its last request finished
     decisions: dict = field(default_factory=dict)
 
 
@@ -244,11 +245,13 @@ class Cluster(EngineListener):
                                      spec.max_num_seqs, spec.max_num_batched_tokens, self.policy.prefix_caching,
                                      pool_hits) for r in self.replicas}
         self.out = Outcome()
+        # The longest request an engine takes (prompt + output): its KV must fit, and the model's context.
+        self.max_model_len = min(spec.costs.kv_capacity_tokens, spec.max_model_len or spec.costs.kv_capacity_tokens)
         self.now = 0.0
         self._heap: list = []
         self._tie = itertools.count()
         self._version = {r: 0 for r in self.replicas}
-        self._sessions: dict[str, tuple[Session, int]] = {}  # live session -> (its trace, next turn)
+        self._sessions: dict[str, tuple[SimSession, int]] = {}  # live session -> (its trace, next turn)
 
     # --- the connector's part: pool tiers behind the engines --------------------------------------------------
 
@@ -297,13 +300,17 @@ class Cluster(EngineListener):
                      latency_s=req.finished_at - req.sent_at, max_tokens=req.max_tokens)
         if req.finished_at <= self.duration:
             self.out.records.append(rec)
-        session, turn = self._sessions[req.session]
+        self._last_finish = max(self._last_finish, req.finished_at)
+        self._next_turn(req.session, req.finished_at)
+
+    def _next_turn(self, name: str, t: float) -> None:
+        session, turn = self._sessions[name]
         if turn < len(session.turns):
-            self._push(req.finished_at + session.turns[turn].think_s * self.workload.think_scale, "send",
-                       req.session)
+            self._push(t + session.turns[turn].think_s * self.workload.think_scale, "send", name)
         else:
-            del self._sessions[req.session]
-            self._start_next_session(req.finished_at)
+            del self._sessions[name]
+            self._last_prompt.pop(name, None)
+            self._start_next_session(t)
 
     # --- the event loop -----------------------------------------------------------------------------------------
 
@@ -318,8 +325,10 @@ class Cluster(EngineListener):
 
     def _start_next_session(self, t: float) -> None:
         i = next(self._next_session)
+        if not self.workload.duration_s and i >= len(self.workload.sessions):
+            return  # a fixed workload: every session once
         base = self.workload.sessions[i % len(self.workload.sessions)]
-        lap = i // len(self.workload.sessions)  # a trace replayed again is a new session: new keys
+        lap = i // len(self.workload.sessions)
         name = f"{base.name}#{lap}" if lap else base.name
         self._sessions[name] = (base, 0)
         self._lap[name] = lap
@@ -330,11 +339,11 @@ class Cluster(EngineListener):
         self._sessions[name] = (session, turn + 1)
         t = session.turns[turn]
         lap = self._lap[name]
-        keys = self._block_keys(t.blocks)
-        prompt_tokens = sum(n for _, n in t.blocks)
         # As the ingress: the full blocks before the prompt's last token can be cache hits.
-        keys = keys[:(prompt_tokens - 1) // self.block_size]
-        hashes = self.namer.chain([(lap, k) for k in keys] if lap else keys)
+        keys = t.keys[:(t.prompt_tokens - 1) // self.block_size]
+        if lap:  # a trace replayed again is a new session: new keys
+            keys = keys ^ np.int64(lap << 44)
+        hashes = self._chain(name, keys)
         max_tokens = min(t.max_tokens, self.workload.max_output) if self.workload.max_output else t.max_tokens
         bound = 0
         for h in hashes:
@@ -342,25 +351,32 @@ class Cluster(EngineListener):
                 break
             bound += 1
         self._seen.update(hashes)
-        req = SimRequest(f"{name}/{turn}", name, turn, hashes, prompt_tokens, max(1, max_tokens), self.now,
+        req = SimRequest(f"{name}/{turn}", name, turn, hashes, t.prompt_tokens, max(1, max_tokens), self.now,
                          bound_tokens=bound * self.block_size)
         self.out.sent += 1
+        if t.prompt_tokens + req.max_tokens > self.max_model_len:  # refused with a 400, as vLLM does: the agent
+            self.out.refused += 1  # goes on
+            self._next_turn(name, self.now)
+            return
         replica, decision = self.policy.route(req)
-        self.out.decisions[decision.reason if decision else "policy"] = \
-            self.out.decisions.get(decision.reason if decision else "policy", 0) + 1
+        reason = decision.reason if decision else "policy"
+        self.out.decisions[reason] = self.out.decisions.get(reason, 0) + 1
         delay = self._fetch(decision, req) if decision and decision.fetch and self.pools else 0.0
         if delay:
             self._push(self.now + delay, "arrive", (replica, req))
         else:
             self._arrive(replica, req)
 
-    def _block_keys(self, pieces: list[tuple[object, int]]) -> list[object]:
-        """A trace prompt's pieces (content key, tokens; all full but the last) as engine blocks: a piece longer
-        than a block is that many blocks, keyed (key, j)."""
-        bs, keys = self.block_size, []
-        for key, n in pieces:
-            keys += [key] if n <= bs else [(key, j) for j in range(-(-n // bs))]
-        return keys
+    def _chain(self, session: str, keys: np.ndarray) -> list[int]:
+        """The prompt's chain hashes; the part it shares with the session's previous prompt is not looked up again."""
+        prev_keys, prev_hashes = self._last_prompt.get(session, (keys[:0], []))
+        n = min(len(keys), len(prev_keys))
+        same = keys[:n] == prev_keys[:n]
+        common = n if same.all() else int(np.argmin(same))
+        hashes = prev_hashes[:common] + self.namer.chain(keys[common:].tolist(),
+                                                         prev_hashes[common - 1] if common else None, common)
+        self._last_prompt[session] = (keys, hashes)
+        return hashes
 
     def _fetch(self, d: Decision, req: SimRequest) -> float:
         """Copy the blocks the decision names from another node's pool into the chosen node's; returns the time."""
@@ -380,18 +396,20 @@ class Cluster(EngineListener):
         self._schedule(engine)
 
     def run(self, workload: Workload) -> Outcome:
-        self.workload, self.duration = workload, workload.duration_s
+        self.workload, self.duration = workload, workload.duration_s or float("inf")
         self.namer = BlockNamer(self.block_size)
         self._seen: set[int] = set()
         self._lap: dict[str, int] = {}
+        self._last_prompt: dict[str, tuple[np.ndarray, list[int]]] = {}
         self._next_session = itertools.count()
+        self._last_finish = 0.0
         for i in range(workload.concurrency):
             self._start_next_session(workload.ramp_s * i / max(1, workload.concurrency))
         if self.pools:
             self._push(self.spec.pool_period_s, "maintain", None)
         while self._heap:
             t, _, kind, payload = heapq.heappop(self._heap)
-            if t > workload.duration_s:
+            if t > self.duration:
                 break
             self.now = t
             if kind == "send":
@@ -406,9 +424,11 @@ class Cluster(EngineListener):
                     self._schedule(engine)
             elif kind == "maintain":
                 self._maintain()
-                self._push(t + self.spec.pool_period_s, "maintain", None)
+                if self._sessions:
+                    self._push(t + self.spec.pool_period_s, "maintain", None)
         self.out.engine_evicted_blocks = sum(e.evicted_blocks for e in self.engines.values())
-        self.out.busy_s = sum(min(e.busy_s, self.duration) for e in self.engines.values())
+        self.out.makespan_s = self.duration if self.workload.duration_s else self._last_finish
+        self.out.busy_s = sum(min(e.busy_s, self.out.makespan_s) for e in self.engines.values())
         return self.out
 
     def _maintain(self) -> None:

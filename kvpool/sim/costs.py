@@ -107,16 +107,25 @@ def gpu_costs(hw: Hardware, model: Model, tp: int, kv_tokens: int | None = None)
     )
 
 
+# A replay runs both engines beside the app's ingress, router, pool shard and the client on the same 2 cores;
+# `bench single` measures one engine on an idle machine. Fitted on the no-cache run of the verified compare
+# (BENCHMARKS.md, 2026-11-29: the same 94 requests took 424.7 s; at bench-single speeds the model takes 251.5 s),
+# the only configuration whose time is compute alone; every other configuration is then a prediction.
+CPU_REPLAY_SLOWDOWN = 424.7 / 251.5
+
+
 def cpu_costs(kv_tokens: int) -> StepCosts:
     """SmolLM2-135M (float32) on one core of this 2-core machine, one replica per core. Measured (BENCHMARKS.md,
-    2026-11-28): prefill of a 1,024-token prompt at 450 tokens/s, decode at 13.6 tokens/s per request, pool reads
-    at 3.4 GB/s from /dev/shm. A decode step of one sequence is the weights' read (0.54 GB in float32); the
-    attention term makes a 4K-token prefill ~20% slower per token than a 1K one."""
+    2026-11-28, `kvpool bench single`): prefill of a 1,024-token prompt at 450 tokens/s, decode at 13.6 tokens/s
+    per request, pool reads at 3.4 GB/s from /dev/shm; a decode step of one sequence is the weights' read (0.54 GB
+    in float32); the attention term makes a 4K-token prefill ~20% slower per token than a 1K one. Engine steps
+    then run CPU_REPLAY_SLOWDOWN slower, as they do in a replay."""
+    slow = CPU_REPLAY_SLOWDOWN
     step_1 = 1 / 13.6
     per_token = 1 / 450
     return StepCosts(
-        overhead_s=0.005, weights_s=step_1 - 0.005, kv_read_s_per_token=0.0,
-        compute_s_per_token=per_token * 0.95, attention_s_per_token_ctx=per_token * 0.05 / 512,
+        overhead_s=0.005 * slow, weights_s=(step_1 - 0.005) * slow, kv_read_s_per_token=0.0,
+        compute_s_per_token=per_token * 0.95 * slow, attention_s_per_token_ctx=per_token * 0.05 / 512 * slow,
         load_bytes_per_s=3.4 * GB, disk_bytes_per_s=1.5 * GB, link_bytes_per_s=1.0 * GB, link_latency_s=1e-4,
         kv_capacity_tokens=kv_tokens, kv_bytes_per_token=MODELS["smollm2-135m"].kv_bytes_per_token,
     )
