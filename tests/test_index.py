@@ -8,7 +8,7 @@ import pytest
 from kvpool.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_message, encode_message
 from kvpool.hashing import block_hashes, chain_seed, prefix_sums
 from kvpool.index import PrefixIndex
-from kvpool.routing import Fetch, LoadBook, PoolOffer, ReplicaLoad, choose
+from kvpool.routing import Fetch, LoadBook, PoolOffer, PoolView, ReplicaLoad, RouterCore, choose
 
 BS = 32
 
@@ -196,3 +196,36 @@ def test_a_dropped_replica_leaves_no_negative_load():
     book.drop_replica("A")
     book.finished("r1")
     assert "A" not in book.loads and not book.inflight
+
+
+def test_pool_view_applies_reports_in_sequence_and_counts_blocks_every_rank_holds():
+    view = PoolView()
+    view.layouts = ["rank0", "rank1"]
+    assert view.update("n1", 0, [("rank0", "a"), ("rank0", "b"), ("rank1", "a")], [])
+    assert view.leading_hits("n1", ["a", "b"]) == 1  # b is whole only once rank 1 holds it too
+    assert not view.update("n1", 2, [("rank1", "b")], [])  # a report was lost: refused, the shard sends all
+    assert view.leading_hits("n1", ["a", "b"]) == 1
+    assert view.update("n1", 1, [("rank1", "b")], [])
+    assert view.leading_hits("n1", ["a", "b", "c"]) == 2 and view.blocks("n1") == 2
+    assert view.update("n1", 2, [], [("rank0", "a")])
+    assert view.leading_hits("n1", ["a", "b"]) == 0  # a chain is usable from its first block only
+    view.layouts = ["rank0"]
+    assert view.leading_hits("n1", ["b"]) == 1
+
+
+def test_router_core_prices_the_pool_on_the_replicas_node_and_charges_its_choice():
+    core = RouterCore(block_size=4, running_cost_tokens=0, pool_load_cost=0.05, pool_fetch_cost=0.1,
+                      rng=random.Random(0))
+    core.set_replicas(["a", "b"])
+    core.node_of.update(a="n1", b="n2")
+    core.pool.layouts = ["l"]
+    keys = [f"k{i}" for i in range(4)]
+    core.pool.update("n2", 0, [("l", k) for k in keys], [])
+    d = core.route("r1", block_hashes(list(range(17)), 4), 17, keys)
+    # b's node holds the 16-token prefix: it loads it, where a would have to copy it from n2 first.
+    assert (d.replica, d.reason, d.predicted_cached_tokens, d.fetch) == ("b", "pool", 16, None)
+    assert core.book.loads["b"].running == 1 and core.book.loads["b"].queued_prefill_tokens == 1
+    core.book.finished("r1")
+    assert core.set_replicas(["a"]) == ["b"] and core.live == ["a"]
+    d = core.route("r2", block_hashes(list(range(17)), 4), 17, keys)
+    assert d.replica == "a" and d.fetch.source_node == "n2" and d.fetch.target_node == "n1"
