@@ -121,10 +121,10 @@ class EngineReplica:
     def _router_endpoint(self, app_name: str) -> str | None:
         import ray
 
-        from actors.router import get_or_create_router
+        from actors.router import find_router
 
         try:
-            self.router = get_or_create_router(self.cfg, app_name)
+            self.router = find_router(app_name)
             return ray.get(self.router.endpoint.remote(), timeout=60)
         except Exception:
             # Serving without events is still correct; the router then sees this replica as holding nothing.

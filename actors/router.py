@@ -37,11 +37,24 @@ def router_name(app_name: str) -> str:
 
 
 def get_or_create_router(cfg: KVPoolConfig, app_name: str):
-    """The application's router actor (created by whichever replica asks first)."""
+    """The application's router actor, created by the ingress. An actor dies with the worker that created it, so
+    an engine replica (which Serve replaces and faults kill) must never be the one: engines use find_router."""
     return ray.remote(RouterActor).options(
         name=router_name(app_name), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1, max_task_retries=0,
         num_cpus=0, max_concurrency=1000,
     ).remote(cfg)
+
+
+def find_router(app_name: str, timeout_s: float = 120.0):
+    """The application's router actor once the ingress has created it (Serve starts the deployments together)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get_actor(router_name(app_name), namespace=NAMESPACE)
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 class _Metrics:
