@@ -25,7 +25,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvpool.config import KVPoolConfig
-from kvpool.pool_store import BlockFile, PoolStore, eviction_order
+from kvpool.pool_store import BlockFile, PoolStore, to_move_out
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ class PoolShard:
         in_tier = [f for _, f in files if f.tier == tier]
         store_of = {id(f): s for s, f in files}
         size = sum(f.size for f in in_tier)
-        for f in eviction_order(in_tier, time.time(), self.cfg.pool_session_ttl_s):
-            if size <= budget:
-                break
+        for f in to_move_out(in_tier, budget, time.time(), self.cfg.pool_session_ttl_s):
             size -= f.size
             if tier == "host" and self.cfg.pool_disk_bytes > 0 and store_of[id(f)].demote(f):
                 f.tier = "disk"  # counted against the disk budget in the same pass
