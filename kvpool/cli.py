@@ -145,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--ramp", type=float, default=60, help="seconds over which the first sessions start")
     sim.add_argument("--max-output", type=int, default=0, help="cap output tokens (0: the trace's)")
     sim.add_argument("--slo-ttft-p90", type=float, default=2.0)
+    sim.add_argument("--pool-period", type=float, default=10.0,
+                     help="simulated seconds between pool shard passes (the real shard: 0.5 s; each pass sorts a tier)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true", help="only the JSON line")
+    sim.add_argument("--out", default="", help="also write the result here, with PNG plots beside it")
 
     args = parser.parse_args(argv)
     if args.cmd == "simulate":

@@ -26,6 +26,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -77,10 +78,13 @@ class BlockFile:
 def eviction_order(files: Iterable[BlockFile], now: float, session_ttl_s: float) -> list[BlockFile]:
     """Who leaves first: blocks of idle sessions and one-off prompts (not reused within the TTL), then blocks of
     live sessions (reused within it); least recently used first within each group."""
-    def live(f: BlockFile) -> bool:
-        return f.reused and now - f.last_used <= session_ttl_s
-
-    return sorted(files, key=lambda f: (live(f), f.last_used))
+    idle, live = [], []
+    for f in files:
+        (live if f.reused and now - f.last_used <= session_ttl_s else idle).append(f)
+    by_use = attrgetter("last_used")  # a pass sorts every block of a tier: no per-block key function
+    idle.sort(key=by_use)
+    live.sort(key=by_use)
+    return idle + live
 
 
 def to_move_out(files: Sequence[BlockFile], budget: int, now: float, session_ttl_s: float) -> list[BlockFile]:

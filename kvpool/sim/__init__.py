@@ -27,10 +27,12 @@ def _spec(args, nodes: int):
     return ClusterSpec(nodes=nodes, gpus_per_node=gpus, tp=args.tp, costs=costs, block_size=args.block_size,
                        host_bytes_per_node=int(args.host_gib_per_node * GiB),
                        disk_bytes_per_node=int(args.disk_gib_per_node * GiB), max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                       pool_period_s=args.pool_period)
 
 
-def simulate_one(args, sessions, policy: str, nodes: int) -> dict:
+def simulate_one(args, sessions, policy: str, nodes: int) -> tuple[dict, list]:
+    """One policy on one cluster size: its figures, and its requests' records."""
     from kvpool.bench.replay import summarize
     from kvpool.sim.cluster import Cluster, Workload, gpu_seconds_per_million
 
@@ -47,7 +49,7 @@ def simulate_one(args, sessions, policy: str, nodes: int) -> dict:
             "gpu_busy_share": round(out.busy_s / (out.makespan_s * nodes * spec.replicas_per_node), 3)
             if out.makespan_s else None,
             "bytes_moved": out.bytes, "engine_evicted_blocks": out.engine_evicted_blocks,
-            "route_reasons": out.decisions, "sim_cpu_s": round(time.process_time() - t0, 1)}
+            "route_reasons": out.decisions, "sim_cpu_s": round(time.process_time() - t0, 1)}, out.records
 
 
 def run(args) -> dict:
@@ -58,12 +60,13 @@ def run(args) -> dict:
     policies = args.policies or POLICIES
     node_counts = args.nodes
     results: dict[str, dict] = {}
+    records: dict[str, list] = {}
     sweep: dict[str, dict[int, dict]] = {}
     for policy in policies:
         for nodes in node_counts:
-            r = simulate_one(args, sessions, policy, nodes)
+            r, recs = simulate_one(args, sessions, policy, nodes)
             if nodes == node_counts[0]:
-                results[policy] = r
+                results[policy], records[policy] = r, recs
             sweep.setdefault(policy, {})[r["gpus"]] = {k: r[k] for k in ("ttft_p90_s", "hit_rate", "input_tok_s",
                                                                           "requests")}
     out = {"sim": "cluster", "trace": args.trace, "trace_sessions": len(sessions), "hardware": args.hardware,
@@ -75,7 +78,30 @@ def run(args) -> dict:
         out["slo_ttft_p90_s"] = args.slo_ttft_p90
         out["gpus_needed"] = {p: min((g for g, r in s.items() if r["ttft_p90_s"] <= args.slo_ttft_p90),
                                      default=None) for p, s in sweep.items()}
+    if args.out:
+        _write(out, records, Path(args.out))
     return out
+
+
+def _write(out: dict, records: dict[str, list], path: Path) -> None:
+    """The JSON result, and beside it PNGs: per-turn hit rate and TTFT, summary bars, and TTFT p90 against GPUs
+    when there is a sweep."""
+    import json
+
+    from kvpool.bench.plots import _png_path, _save, plot_summaries, plot_turns, plt
+
+    path.write_text(json.dumps(out, indent=1))
+    plot_turns(records, path)
+    plot_summaries(out["policies"], path)
+    if "sweep" in out:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for policy, by_gpus in out["sweep"].items():
+            gpus = sorted(by_gpus)
+            ax.plot(gpus, [by_gpus[g]["ttft_p90_s"] for g in gpus], marker="o", label=policy)
+        ax.axhline(out["slo_ttft_p90_s"], color="k", ls="--", label="SLO")
+        ax.set(xlabel="GPUs", ylabel="TTFT p90 (s)", yscale="log")
+        ax.legend(fontsize="small")
+        _save(fig, _png_path(path, "gpus"))
 
 
 def table(out: dict) -> str:

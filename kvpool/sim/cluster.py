@@ -194,7 +194,7 @@ class ClusterSpec:
     pool_fetch_cost: float = 0.1
     session_ttl_s: float = 600.0
     max_model_len: int = 0  # 0: as long as the engine's KV holds
-    pool_period_s: float = 5.0  # the shard's pass; the real one runs every 0.5 s, the reports it sends too
+    pool_period_s: float = 10.0  # the shard's pass and its report to the router; the real ones run every 0.5 s
 
     @property
     def replicas_per_node(self) -> int:
