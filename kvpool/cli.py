@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--nodes", type=int, nargs="+", default=[8],
                      help="node count; several: a sweep, with the GPUs each policy needs for --slo-ttft-p90")
     sim.add_argument("--gpus-per-node", type=int, default=0, help="default: the hardware's (8; cpu: 2 replicas)")
-    sim.add_argument("--kv-tokens", type=int, help="engine KV per replica in tokens (default: what HBM leaves)")
-    sim.add_argument("--host-gib-per-node", type=float, default=1024,
-                     help="pool host tier per node (KV-Pool: shared by the node; lmcache: split per replica)")
+    sim.add_argument("--kv-tokens", type=int, nargs="+",
+                     help="engine KV per replica in tokens (default: what HBM leaves); several: a sweep")
+    sim.add_argument("--host-gib-per-node", type=float, nargs="+", default=[1024],
+                     help="pool host tier per node (KV-Pool: shared by the node; lmcache: split per replica); "
+                          "several: a sweep")
     sim.add_argument("--disk-gib-per-node", type=float, default=0, help="KV-Pool's disk tier per node")
     sim.add_argument("--block-size", type=int, default=64, help="tokens per block (the trace's: kv-cache-tester 64)")
     sim.add_argument("--max-model-len", type=int, default=0,

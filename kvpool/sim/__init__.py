@@ -9,6 +9,7 @@ per policy, the fewest GPUs that hold TTFT p90 under `--slo-ttft-p90`.
 
 from __future__ import annotations
 
+import itertools
 import resource
 import time
 from pathlib import Path
@@ -19,29 +20,32 @@ from kvpool.sim.policies import POLICIES
 GiB = 1 << 30
 
 
-def _spec(args, nodes: int):
+def _spec(args, nodes: int, kv_tokens: int | None, host_gib: float):
     from kvpool.sim.cluster import ClusterSpec
 
-    costs = profile(args.hardware, args.model, args.tp, args.kv_tokens)
+    costs = profile(args.hardware, args.model, args.tp, kv_tokens)
     gpus = args.gpus_per_node or (HARDWARE[args.hardware].gpus_per_node if args.hardware in HARDWARE else 2)
     return ClusterSpec(nodes=nodes, gpus_per_node=gpus, tp=args.tp, costs=costs, block_size=args.block_size,
-                       host_bytes_per_node=int(args.host_gib_per_node * GiB),
+                       host_bytes_per_node=int(host_gib * GiB),
                        disk_bytes_per_node=int(args.disk_gib_per_node * GiB), max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                        pool_period_s=args.pool_period)
 
 
-def simulate_one(args, sessions, policy: str, nodes: int) -> tuple[dict, list]:
-    """One policy on one cluster size: its figures, and its requests' records."""
+def simulate_one(args, sessions, policy: str, nodes: int, kv_tokens: int | None,
+                 host_gib: float) -> tuple[dict, list]:
+    """One policy on one cluster: its figures, and its requests' records."""
     from kvpool.bench.replay import summarize
     from kvpool.sim.cluster import Cluster, Workload, gpu_seconds_per_million
 
-    spec = _spec(args, nodes)
+    spec = _spec(args, nodes, kv_tokens, host_gib)
     workload = Workload(sessions, args.concurrency, args.duration, args.think_scale, args.ramp, args.max_output)
     t0 = time.process_time()
     out = Cluster(spec, policy, args.seed).run(workload)
     figures = summarize(out.records, out.makespan_s)
-    return {**figures, "sent": out.sent, "refused_too_long": out.refused, "max_model_len": spec.max_model_len or None, "gpus": nodes * spec.gpus_per_node, "replicas": nodes * spec.replicas_per_node,
+    return {**figures, "sent": out.sent, "refused_too_long": out.refused,
+            "max_model_len": spec.max_model_len or None, "gpus": nodes * spec.gpus_per_node,
+            "replicas": nodes * spec.replicas_per_node,
             "engine_kv_tokens_per_replica": spec.costs.kv_capacity_tokens,
             "host_tier_bytes_per_node": spec.host_bytes_per_node if policy in ("kvpool", "lmcache") else 0,
             "disk_tier_bytes_per_node": spec.disk_bytes_per_node if policy == "kvpool" else 0,
@@ -58,29 +62,41 @@ def run(args) -> dict:
     sessions = load(Path(args.trace), args.trace_format, args.trace_sessions, args.block_size, args.max_context,
                     args.max_output, args.turns)
     policies = args.policies or POLICIES
-    node_counts = args.nodes
+    # Every combination of the swept values; the first is the one the table shows.
+    grid = list(itertools.product(args.nodes, args.kv_tokens or [None], args.host_gib_per_node))
     results: dict[str, dict] = {}
     records: dict[str, list] = {}
-    sweep: dict[str, dict[int, dict]] = {}
+    sweep: list[dict] = []
     for policy in policies:
-        for nodes in node_counts:
-            r, recs = simulate_one(args, sessions, policy, nodes)
-            if nodes == node_counts[0]:
+        for nodes, kv_tokens, host_gib in grid:
+            r, recs = simulate_one(args, sessions, policy, nodes, kv_tokens, host_gib)
+            if (nodes, kv_tokens, host_gib) == grid[0]:
                 results[policy], records[policy] = r, recs
-            sweep.setdefault(policy, {})[r["gpus"]] = {k: r[k] for k in ("ttft_p90_s", "hit_rate", "input_tok_s",
-                                                                          "requests")}
+            sweep.append({"policy": policy, "gpus": r["gpus"], "engine_kv_tokens_per_replica":
+                          r["engine_kv_tokens_per_replica"], "host_gib_per_node": host_gib,
+                          **{k: r[k] for k in ("ttft_p90_s", "hit_rate", "bound_hit_rate", "input_tok_s",
+                                               "requests")}})
     out = {"sim": "cluster", "trace": args.trace, "trace_sessions": len(sessions), "hardware": args.hardware,
-           "model": args.model, "tp": args.tp, "nodes": node_counts[0], "concurrency": args.concurrency,
+           "model": args.model, "tp": args.tp, "nodes": args.nodes[0], "concurrency": args.concurrency,
            "duration_s": args.duration, "policies": results,
            "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2)}
-    if len(node_counts) > 1:
+    if len(grid) > 1:
         out["sweep"] = sweep
+    if len(args.nodes) > 1:  # the headline: the fewest GPUs that hold the SLO, at the first KV and host sizes
         out["slo_ttft_p90_s"] = args.slo_ttft_p90
-        out["gpus_needed"] = {p: min((g for g, r in s.items() if r["ttft_p90_s"] <= args.slo_ttft_p90),
-                                     default=None) for p, s in sweep.items()}
+        out["gpus_needed"] = {p: min((r["gpus"] for r in _node_sweep(sweep, p)
+                                      if r["ttft_p90_s"] <= args.slo_ttft_p90), default=None) for p in policies}
     if args.out:
         _write(out, records, Path(args.out))
     return out
+
+
+def _node_sweep(sweep: list[dict], policy: str) -> list[dict]:
+    """A policy's rows at its first row's KV and host sizes, by GPU count."""
+    rows = [r for r in sweep if r["policy"] == policy]
+    same = [r for r in rows if (r["engine_kv_tokens_per_replica"], r["host_gib_per_node"]) ==
+            (rows[0]["engine_kv_tokens_per_replica"], rows[0]["host_gib_per_node"])]
+    return sorted(same, key=lambda r: r["gpus"])
 
 
 def _write(out: dict, records: dict[str, list], path: Path) -> None:
@@ -93,11 +109,11 @@ def _write(out: dict, records: dict[str, list], path: Path) -> None:
     path.write_text(json.dumps(out, indent=1))
     plot_turns(records, path)
     plot_summaries(out["policies"], path)
-    if "sweep" in out:
+    if "gpus_needed" in out:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for policy, by_gpus in out["sweep"].items():
-            gpus = sorted(by_gpus)
-            ax.plot(gpus, [by_gpus[g]["ttft_p90_s"] for g in gpus], marker="o", label=policy)
+        for policy in out["policies"]:
+            rows = _node_sweep(out["sweep"], policy)
+            ax.plot([r["gpus"] for r in rows], [r["ttft_p90_s"] for r in rows], marker="o", label=policy)
         ax.axhline(out["slo_ttft_p90_s"], color="k", ls="--", label="SLO")
         ax.set(xlabel="GPUs", ylabel="TTFT p90 (s)", yscale="log")
         ax.legend(fontsize="small")
