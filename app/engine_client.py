@@ -27,6 +27,7 @@ from vllm.exceptions import VLLMClientError
 
 from actors.engine import GenerateRequest, ReplicaOutput
 from actors.pool import get_or_create_shard
+from kvpool.connector import RETAIN_ARG
 from kvpool.config import KVPoolConfig
 from kvpool.hashing import block_hashes
 from kvpool.pool_store import pool_keys, request_namespace
@@ -56,6 +57,7 @@ class Dispatch:
     reason: str = "fallback"
     predicted_cached_tokens: int | None = None
     error: ServingError | None = None
+    retain: bool = False  # the client marked the prompt for caching: the pool keeps it as a live session's
 
     def headers(self) -> dict[str, str]:
         h = {"x-kvpool-route-reason": self.reason}
@@ -71,9 +73,9 @@ _current: contextvars.ContextVar[Dispatch | None] = contextvars.ContextVar("kvpo
 
 
 @contextlib.contextmanager
-def dispatching(tenant: str | None) -> Iterator[Dispatch]:
+def dispatching(tenant: str | None, retain: bool = False) -> Iterator[Dispatch]:
     """The scope of one HTTP request: engine calls made inside it report to the Dispatch it yields."""
-    dispatch = Dispatch(tenant=tenant)
+    dispatch = Dispatch(tenant=tenant, retain=retain)
     token = _current.set(dispatch)
     try:
         yield dispatch
@@ -130,6 +132,8 @@ class RoutedEngineClient(EngineClient):
         salt = ":".join(s for s in (dispatch.tenant, prompt.get("cache_salt")) if s) or None
         kwargs = {k: v for k, v in dict(priority=priority, reasoning_ended=reasoning_ended,
                                         reasoning_parser_kwargs=reasoning_parser_kwargs).items() if v}
+        if dispatch.retain and self.cfg.pool_enabled:  # read by the pool's connector in the engine
+            sampling_params.extra_args = {**(sampling_params.extra_args or {}), RETAIN_ARG: True}
         try:
             for attempt in range(1 + self.cfg.engine_retries):
                 rid = request_id if attempt == 0 else f"{request_id}-retry{attempt}"

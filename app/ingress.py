@@ -111,6 +111,20 @@ def _parse(raw: bytes, model_cls: type[BaseModel]) -> Any:
         raise APIError(400, f"invalid request: {e}", param=getattr(e, "parameter", None)) from None
 
 
+def _asks_caching(body: dict) -> bool:
+    """An Anthropic request marks a prefix for caching with `cache_control` on a block of its tools, system prompt
+    or messages (vLLM's protocol models drop the field). Its prompt's blocks are then pooled as a live session's,
+    kept ahead of idle sessions and one-off prompts for `pool_session_ttl_s` after their last use, within the
+    pool's budgets; the marker's own `ttl` is not read."""
+    def blocks(value) -> list:
+        return [b for b in value if isinstance(b, dict)] if isinstance(value, list) else []
+
+    marked = blocks(body.get("tools")) + blocks(body.get("system"))
+    for m in blocks(body.get("messages")):
+        marked += blocks(m.get("content"))
+    return any("cache_control" in b for b in marked)
+
+
 def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name: str) -> dict[str, Any]:
     """vLLM's serving objects, as `vllm serve` builds them for a render-only front end (no engine here: the
     replicas have those), over the routed engine client."""
@@ -227,9 +241,11 @@ class OpenAIIngress:
         from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 
         tenant = self._tenant(request)
-        req = _parse(await request.body(), AnthropicMessagesRequest)
+        raw = await request.body()
+        req = _parse(raw, AnthropicMessagesRequest)
         return await self._respond(self.serving["messages"].create_messages(req, request), tenant,
-                                   stream=bool(req.stream), dump=lambda r: r.model_dump(exclude_none=True))
+                                   stream=bool(req.stream), dump=lambda r: r.model_dump(exclude_none=True),
+                                   retain=_asks_caching(_json(raw)))
 
     @api.post("/v1/messages/count_tokens")
     async def count_tokens(self, request: Request):
@@ -269,13 +285,13 @@ class OpenAIIngress:
                        "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})
 
     async def _respond(self, call, tenant: str | None, stream: bool,
-                       dump: Callable[[Any], Any] = lambda r: r.model_dump()) -> Response:
+                       dump: Callable[[Any], Any] = lambda r: r.model_dump(), retain: bool = False) -> Response:
         """Run one of vLLM's serving calls and answer it. A failure before the first output (a full queue, lost
         replicas) is answered with its status, also for streams: they start only once the first output is in."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-        with dispatching(tenant) as dispatch:
+        with dispatching(tenant, retain) as dispatch:
             try:
                 result = await call
             except ServingError:

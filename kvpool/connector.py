@@ -81,6 +81,7 @@ def kv_transfer_config(host_dir: str, disk_dir: str) -> dict[str, Any]:
 class BlockTransfer:
     block_ids: list[int]  # engine block ids
     keys: list[str]  # pool keys, one per block id
+    live: bool = False  # saves: the request asked for its prefix to be kept (written as a live session's)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class KVPoolConnectorMetadata(KVConnectorMetadata):
 class _RequestState:
     request: "Request"  # vLLM's own: its cached-token count is corrected after a failed load
     keys: list[str]  # pool keys of the prompt's full blocks
+    retain: bool = False  # the client marked the prompt for caching (Anthropic cache_control): RETAIN_ARG
     block_ids: list[int] = field(default_factory=list)
     saved_upto: int = 0  # blocks before this index are handled (saved, or known to be pooled)
     load_from: int = 0  # blocks [load_from, load_from + load_n) come from the pool
@@ -109,6 +111,9 @@ class _StepPlan:
 
 # Block files of another format sit in other directories (pool_store's file layout).
 POOL_FORMAT = 2
+# SamplingParams.extra_args key by which the ingress asks for a request's prefix to be kept: its blocks are written
+# as a live session's, which the pool evicts last (pool_store.eviction_order).
+RETAIN_ARG = "kvpool_retain"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -233,8 +238,10 @@ class KVPoolConnector(KVConnectorBase_V1):
         if st is None:
             namespace = request_namespace(getattr(request, "cache_salt", None),
                                           getattr(getattr(request, "lora_request", None), "lora_name", None))
+            extra = getattr(request.sampling_params, "extra_args", None) or {}
             st = self._reqs[request.request_id] = _RequestState(
-                request, pool_keys(request.prompt_token_ids or [], self.block_size, namespace))
+                request, pool_keys(request.prompt_token_ids or [], self.block_size, namespace),
+                retain=bool(extra.get(RETAIN_ARG)))
             # The session is live: keep its pooled prefix ahead of idle ones, even where this engine's own cache
             # serves it (then nothing is loaded, so nothing else would tell the pool).
             self._toucher.submit(self.stores.touch, st.keys)
@@ -296,7 +303,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             plan.save_from = st.saved_upto
         st.saved_upto = upto
         if idx:
-            meta.saves.append(BlockTransfer([block_ids[i] for i in idx], [st.keys[i] for i in idx]))
+            meta.saves.append(BlockTransfer([block_ids[i] for i in idx], [st.keys[i] for i in idx], st.retain))
 
     def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
         self._kv_cache_manager = kv_cache_manager
@@ -434,6 +441,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             return
         block_ids = [b for tr in meta.saves for b in tr.block_ids]
         keys = [k for tr in meta.saves for k in tr.keys]
+        live = {k for tr in meta.saves if tr.live for k in tr.keys}
         # One gather per layer (a copy, so the engine may reuse the blocks at once), block dimension first.
         gathered, event = [], None
         for t, d in self._layers:
@@ -447,16 +455,16 @@ class KVPoolConnector(KVConnectorBase_V1):
         if self._layers and self._layers[0][0].device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        self._writer.submit(self._write_blocks, keys, gathered, event)
+        self._writer.submit(self._write_blocks, keys, gathered, event, live)
 
-    def _write_blocks(self, keys: list[str], gathered: list[torch.Tensor], event) -> None:
+    def _write_blocks(self, keys: list[str], gathered: list[torch.Tensor], event, live: set[str]) -> None:
         try:
             if event is not None:
                 event.synchronize()  # the device-to-host copies have landed
             per_layer = [g.reshape(len(keys), -1).view(torch.uint8) for g in gathered]
             for i, key in enumerate(keys):
                 blob = torch.cat([p[i] for p in per_layer]).numpy()
-                if not self.store.put(key, blob):
+                if not self.store.put(key, blob, live=key in live):
                     return  # the tier is full: the rest would fail the same way; the pool shard makes room
         except Exception:
             logger.exception("saving %d blocks to the pool failed (they will be recomputed when needed)", len(keys))

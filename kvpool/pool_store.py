@@ -136,9 +136,10 @@ class PoolStore:
     def _tmp(self, target: Path) -> Path:
         return target.with_name(f".{target.stem}.{uuid.uuid4().hex}{TMP_SUFFIX}")
 
-    def put(self, key: str, data: bytes | memoryview | np.ndarray) -> bool:
+    def put(self, key: str, data: bytes | memoryview | np.ndarray, live: bool = False) -> bool:
         """Write a block to the host tier (atomically; an existing block is left as it is). False if it could not
-        be written (a full tier): nothing is left behind, and the block is recomputed when needed."""
+        be written (a full tier): nothing is left behind, and the block is recomputed when needed. `live`: the
+        block belongs to a live session from the start (a client asked for the prefix to be kept)."""
         target = self._path("host", key)
         if target.exists():
             return True
@@ -151,7 +152,8 @@ class PoolStore:
         try:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
                 writer.write_batch(pa.record_batch([arr], schema=schema))
-            os.utime(tmp, (0, time.time()))  # atime 0: not reused yet
+            now = time.time()
+            os.utime(tmp, (now if live else 0, now))  # atime 0: not reused yet
             os.replace(tmp, target)
             return True
         except (OSError, pa.ArrowException) as e:

@@ -8,6 +8,7 @@ admits exactly one call): what is tested is everything around the model, which i
 
 import json
 import re
+import time
 
 import anthropic
 import openai
@@ -188,3 +189,40 @@ def test_anthropic_bad_input_gets_an_anthropic_error(claude):
     assert e.value.body["type"] == "error" and "cache_policy" in e.value.body["error"]["message"]
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="claude-opus", max_tokens=4, messages=[{"role": "user", "content": "x"}])
+
+
+def _pooled(cfg) -> dict[str, bool]:
+    """Every block file in the app's pool (host and disk tiers, all layouts): key -> written or used as a live
+    session's."""
+    from pathlib import Path
+
+    from kvpool.pool_store import PoolStore
+
+    layouts = {p.name for root in (cfg.pool_host_dir, cfg.pool_disk_dir) for p in Path(root).iterdir() if p.is_dir()}
+    return {f.key: f.reused for layout in layouts
+            for f in PoolStore(cfg.pool_host_dir, cfg.pool_disk_dir, layout).scan()}
+
+
+def test_cache_control_keeps_the_prompt_pooled_as_a_live_session(tiny_app, claude):
+    """Claude Code marks its prefix with cache_control: those blocks are pooled as a live session's (evicted after
+    idle sessions and one-off prompts), where an unmarked one-off prompt's blocks are the first to go."""
+    _, cfg = tiny_app
+
+    def ask(text: str, marked: bool) -> set[str]:
+        before = _pooled(cfg)
+        block = {"type": "text", "text": text, **({"cache_control": {"type": "ephemeral"}} if marked else {})}
+        kw = dict(model="tiny", system=[block], messages=[{"role": "user", "content": "Go on."}])
+        full_blocks = claude.messages.count_tokens(**kw).input_tokens // TEST_BLOCK
+        r = claude.messages.create(max_tokens=8, extra_body={"temperature": 0}, **kw)
+        assert r.usage.output_tokens == 8
+        deadline = time.time() + 60  # the connector writes blocks from a thread of its own: wait until they are in
+        while len(new := set(_pooled(cfg)) - set(before)) < full_blocks - 1 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(new) >= full_blocks - 1 > 2, (len(new), full_blocks, r.usage)
+        return new
+
+    one_off = ask("A one-off question about tomatoes. " * 30, marked=False)
+    marked = ask("The agent's standing instructions: read the code before changing it. " * 30, marked=True)
+    pooled = _pooled(cfg)
+    assert not any(pooled[k] for k in one_off if k in pooled)
+    assert all(pooled[k] for k in marked if k in pooled)
