@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, AsyncIterator, Iterator
 
@@ -100,6 +101,7 @@ class RoutedEngineClient(EngineClient):
         self.router = router
         self.app_name = app_name
         self.shards: dict[str, Any] = {}  # node id -> its pool shard
+        self.fetches: Counter = Counter()  # cross-node pool fetches: requests, wanted_blocks, blocks, failed
         self._shards_checked = 0.0
         self.keep_shards()
 
@@ -189,15 +191,21 @@ class RoutedEngineClient(EngineClient):
 
     async def _fetch(self, fetch: Fetch, keys: list[str]) -> None:
         """Have the chosen replica's node copy the blocks it lacks from another node's pool. Best effort: what does
-        not arrive in time is recomputed by the engine."""
+        not arrive in time is recomputed by the engine. Outcomes are counted in `fetches` (/v1/kvpool/stats)."""
         bs = self.cfg.block_size
+        wanted = keys[fetch.start_token // bs:fetch.end_token // bs]
+        self.fetches["requests"] += 1
+        self.fetches["wanted_blocks"] += len(wanted)
+        if not fetch.target_node:  # the router does not know the replica's node (yet): nowhere to copy to
+            self.fetches["failed"] += 1
+            return
         try:
             shard = self.shards.get(fetch.target_node) or get_or_create_shard(self.cfg, self.app_name,
                                                                               fetch.target_node)
-            await asyncio.wait_for(shard.pull.remote(fetch.source_node, fetch.layouts,
-                                                     keys[fetch.start_token // bs:fetch.end_token // bs]),
-                                   timeout=self.cfg.pool_fetch_timeout_s)
+            self.fetches["blocks"] += await asyncio.wait_for(
+                shard.pull.remote(fetch.source_node, fetch.layouts, wanted), timeout=self.cfg.pool_fetch_timeout_s)
         except Exception as e:
+            self.fetches["failed"] += 1
             logger.warning("pool fetch from node %s failed (%s): recomputing", fetch.source_node, type(e).__name__)
 
     async def _started(self, outputs: AsyncIterator[ReplicaOutput],

@@ -194,7 +194,8 @@ class OpenAIIngress:
     @api.get("/v1/kvpool/stats")
     async def kvpool_stats(self, request: Request) -> dict[str, Any]:
         """For people: the router's view (per replica hit rate, prediction accuracy, queues, decisions by reason)
-        and the pool's, per node (bytes and blocks per tier, live-session blocks, demotions, evictions, pulls)."""
+        and the pool's, per node (bytes and blocks per tier, live-session blocks, demotions, evictions, pulls), and
+        this ingress's cross-node fetches (requests, blocks wanted, blocks that arrived, failures)."""
         import asyncio
 
         self._tenant(request)
@@ -208,7 +209,8 @@ class OpenAIIngress:
         self.client.keep_shards()
         return {"router": await ask(self.router) if self.router else None,
                 "pool": {node: await ask(shard) for node, shard in self.client.shards.items()}
-                if self.cfg.pool_enabled else None}
+                if self.cfg.pool_enabled else None,
+                "fetches": dict(self.client.fetches)}
 
     @api.get("/v1/models")
     async def models(self, request: Request):

@@ -33,7 +33,8 @@ def main(model_dir: str, work: str, http_port: int, router_port: int) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
         cfg = KVPoolConfig(model=model_dir, served_model_name="tiny", num_replicas=2, max_replicas_per_node=1,
                            max_model_len=4096, kv_cache_bytes=24 << 20, block_size=32, router_port=router_port,
-                           pool_host_dir=f"{work}/$KVPOOL_NODE/host", pool_disk_dir=f"{work}/$KVPOOL_NODE/disk")
+                           pool_host_dir=f"{work}/$KVPOOL_NODE/host", pool_disk_dir=f"{work}/$KVPOOL_NODE/disk",
+                           pool_fetch_timeout_s=60)  # what is checked is that the prefix arrives, not how fast
         serve.run(build_app(cfg), name="mn", route_prefix="/mn", blocking=False)
         url = f"http://127.0.0.1:{http_port}/mn"
         rng = random.Random(7)  # random token ids: the tiny model's greedy output then varies token by token
@@ -76,11 +77,14 @@ def main(model_dir: str, work: str, http_port: int, router_port: int) -> None:
             assert time.time() < deadline, "dead replica still routed to"
             time.sleep(0.1)
         second = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
-        time.sleep(1)  # the shards' next pass
         stats = httpx.get(f"{url}/v1/kvpool/stats", timeout=10).json()
         out["second"] = {"replica": second.headers["x-kvpool-replica"], "text": second.json()["choices"][0]["text"],
-                         "usage": second.json()["usage"], "reason": second.headers["x-kvpool-route-reason"]}
-        out["pool"] = {node: {k: s.get(k) for k in ("blocks", "pulled_blocks")} for node, s in stats["pool"].items()}
+                         "usage": second.json()["usage"], "reason": second.headers["x-kvpool-route-reason"],
+                         "predicted": int(second.headers["x-kvpool-predicted-cached-tokens"])}
+        out["pool"] = {node: {k: s.get(k) for k in ("blocks", "pulled_blocks", "error")}
+                       for node, s in stats["pool"].items()}
+        out["fetches"] = stats["fetches"]
+        out["router_nodes"] = {r: s["node"] for r, s in stats["router"]["replicas"].items()}
         out["n_blocks"] = n_blocks
     finally:
         print(json.dumps(out), flush=True)
