@@ -111,25 +111,26 @@ class EngineReplica:
         self.router = None
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
-        endpoint = self._router_endpoint(ctx.app_name) if cfg.prefix_routing else None
+        endpoint, topic_prefix = self._router_endpoint(ctx.app_name) if cfg.prefix_routing else (None, "")
         # Resolved here, on the replica's node: the embedded model is converted where it is used.
-        args = engine_args(cfg, resolve_model(cfg.model), endpoint, topic=self.replica_id)
+        args = engine_args(cfg, resolve_model(cfg.model), endpoint, topic=topic_prefix + self.replica_id)
         self.engine = AsyncLLM.from_engine_args(args)
         if self.router is not None:
             self._register()
 
-    def _router_endpoint(self, app_name: str) -> str | None:
+    def _router_endpoint(self, app_name: str) -> tuple[str | None, str]:
+        """The router's KV-event endpoint and the topic prefix it accepts."""
         import ray
 
         from actors.router import find_router
 
         try:
             self.router = find_router(app_name)
-            return ray.get(self.router.endpoint.remote(), timeout=60)
+            return tuple(ray.get(self.router.endpoint.remote(), timeout=60))
         except Exception:
             # Serving without events is still correct; the router then sees this replica as holding nothing.
             logger.exception("router unreachable: replica %s publishes no KV events", self.replica_id)
-            return None
+            return None, ""
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[ReplicaOutput]:
         """The engine's outputs. A request that wants only the final output still runs as deltas here, so the

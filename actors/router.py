@@ -8,13 +8,19 @@ Faults it survives:
 - a replica that dies: a watchdog pings the replicas' actors and drops a dead one within about half a second (Serve's
   own replica list, pushed by the request-router plug-in, follows a few seconds later);
 - its own death: Ray restarts it (max_restarts=-1) and it rebuilds from new events (chains that start after the
-  restart); meanwhile the ingress routes on Serve's power-of-two fallback.
+  restart); meanwhile the ingress routes on Serve's power-of-two fallback;
+- strangers and bad input on its event port: only topics carrying the app's secret are received, batches from no
+  known replica are dropped, an event that cannot be applied resets that replica's view (RouterCore.ingest), and
+  the receive queue and message size are bounded;
+- a node that leaves (its pool leaves the view) and an ingress that dies mid-request (its requests stop counting
+  as load after router_inflight_ttl_s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import Counter
 
@@ -42,7 +48,7 @@ def get_or_create_router(cfg: KVPoolConfig, app_name: str):
     return ray.remote(RouterActor).options(
         name=router_name(app_name), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1, max_task_retries=0,
         num_cpus=0, max_concurrency=1000,
-    ).remote(cfg)
+    ).remote(cfg, secrets.token_hex(16))
 
 
 def find_router(app_name: str, timeout_s: float = 120.0):
@@ -55,6 +61,12 @@ def find_router(app_name: str, timeout_s: float = 120.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def tenant_figures(c: Counter) -> dict:
+    """One tenant's share of the stats: what its requests sent and what the caches gave back."""
+    return {"requests": c["requests"], "prompt_tokens": c["prompt_tokens"], "cached_tokens": c["cached_tokens"],
+            "hit_rate": round(c["cached_tokens"] / c["prompt_tokens"], 4) if c["prompt_tokens"] else None}
 
 
 class _Metrics:
@@ -77,21 +89,24 @@ class _Metrics:
 
 
 class RouterActor:
-    def __init__(self, cfg: KVPoolConfig):
+    def __init__(self, cfg: KVPoolConfig, topic_secret: str):
         self.cfg = cfg
         self.core = RouterCore(cfg.block_size, cfg.route_running_cost_tokens, cfg.route_pool_load_cost,
                                cfg.route_pool_fetch_cost)
-        self.last_seq: dict[str, int] = {}
         self.reasons: Counter = Counter()
         self.per_replica: dict[str, Counter] = {}
-        self.gaps: Counter = Counter()
-        self.orphans: Counter = Counter()
-        self.events_applied = 0
+        self.per_tenant: dict[str, Counter] = {}  # tenant salt ("" without API keys) -> requests, prompt, cached
         self.metrics = _Metrics()
+        # Engines publish under topic "<secret>/<replica id>" (they learn the secret over Ray, from `endpoint`);
+        # ZMQ drops every other topic, so a stray publisher on the port cannot feed the index. The secret is a
+        # constructor argument, so a router that Ray restarts keeps it and the engines' topics stay valid.
+        self._topic_prefix = f"{topic_secret}/"
         self._ctx = zmq.asyncio.Context()
         self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self._sub.setsockopt(zmq.RCVHWM, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, self._topic_prefix.encode())
+        # Bounded: past these, ZMQ drops messages (a sequence gap: that replica's view resets, never wrong).
+        self._sub.setsockopt(zmq.RCVHWM, 10_000)
+        self._sub.setsockopt(zmq.MAXMSGSIZE, 256 << 20)
         # Engines connect to us (their endpoint has no '*'), so one fixed port serves every replica and a restarted
         # router is found again by the engines' automatic reconnects.
         # Bound to the node's cluster address only, not every interface: only cluster peers publish events.
@@ -99,6 +114,7 @@ class RouterActor:
         self._sub.bind(self._endpoint)
         self._consumer: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
+        self._upkeeper: asyncio.Task | None = None
         self.actors: dict[str, ray.actor.ActorHandle] = {}  # replica -> its Serve replica actor
 
     def _ensure_consumer(self) -> None:
@@ -107,6 +123,8 @@ class RouterActor:
             self._consumer = loop.create_task(self._consume())
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = loop.create_task(self._watch_replicas())
+        if self._upkeeper is None or self._upkeeper.done():
+            self._upkeeper = loop.create_task(self._upkeep())
 
     async def _watch_replicas(self, period_s: float = 0.2) -> None:
         """Drop replicas whose actor died. Only death counts: a busy replica that answers late is alive."""
@@ -131,42 +149,44 @@ class RouterActor:
 
     def _drop(self, replica: str) -> None:
         self.core.drop(replica)
-        self.last_seq.pop(replica, None)
         self.actors.pop(replica, None)
 
+    async def _upkeep(self, period_s: float = 5.0) -> None:
+        """Slow housekeeping: nodes that left take their pools out of the view, and requests whose end was never
+        reported (their ingress died) stop counting as load."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                nodes = await loop.run_in_executor(None, ray.nodes)  # a blocking call: off the event loop
+                for node in self.core.keep_nodes({n["NodeID"] for n in nodes if n["Alive"]}):
+                    logger.warning("node %s left: its pool leaves the view", node)
+                for rid in self.core.book.expire(self.cfg.router_inflight_ttl_s):
+                    logger.warning("request %s never reported its end: no longer counted as load", rid)
+            except Exception:
+                logger.exception("router upkeep failed")
+
     async def _consume(self) -> None:
+        prefix = len(self._topic_prefix)
         while True:
             frames = await self._sub.recv_multipart()
             try:
-                replica, seq, batch = decode_message(frames)
+                topic, seq, batch = decode_message(frames)
             except Exception:
-                logger.exception("undecodable KV event message")
+                logger.warning("undecodable KV event message dropped")
+                self.core.unknown_batches += 1
                 continue
-            self._ingest(replica, seq, batch.events)
-
-    def _ingest(self, replica: str, seq: int, events: list) -> None:
-        last = self.last_seq.get(replica)
-        self.last_seq[replica] = seq
-        if last is not None and seq != last + 1:
-            self._reset(replica, f"sequence gap {last} -> {seq}")
-        for ev in events:
-            if not self.core.index.apply(replica, ev):
-                # Its chain started before we listened (e.g. after a router restart): we cannot name these blocks,
-                # so they stay unindexed. Nothing stale is kept, so no reset is needed.
-                self.orphans[replica] += 1
-        self.events_applied += len(events)
-
-    def _reset(self, replica: str, why: str) -> None:
-        logger.warning("KV view of replica %s reset: %s", replica, why)
-        self.gaps[replica] += 1
-        self.metrics.gaps.inc(tags={"replica": replica})
-        self.core.index.clear(replica)
+            replica = topic[prefix:]
+            if self.core.ingest(replica, seq, batch.events) in ("gap", "malformed"):
+                self.metrics.gaps.inc(tags={"replica": replica})
 
     # --- API for the ingress, the engines and the request-router plug-in ------------------------------------------
 
-    async def endpoint(self) -> str:
+    async def endpoint(self) -> tuple[str, str]:
+        """Where engines publish their KV events, and the topic prefix to publish under (before their replica
+        id)."""
         self._ensure_consumer()
-        return self._endpoint
+        return self._endpoint, self._topic_prefix
 
     async def register(self, replica: str, actor: ray.actor.ActorHandle, node_id: str = "",
                        pool_layouts: list[str] | None = None) -> None:
@@ -186,14 +206,14 @@ class RouterActor:
     async def set_replicas(self, replicas: list[str]) -> None:
         """Serve's current replica list: replicas that left are dropped from the index and the queues."""
         self._ensure_consumer()
-        for gone in set(self.core.set_replicas(replicas)) | (set(self.actors) - set(replicas)):
+        for gone in self.core.set_replicas(replicas):
             self._drop(gone)
 
     async def route(self, request_id: str, hashes: np.ndarray, prompt_tokens: int,
-                    pool_keys: list[str] | None = None) -> Decision | None:
+                    pool_keys: list[str] | None = None, tenant: str | None = None) -> Decision | None:
         """The cheapest live replica for a request, given the chain hashes of its prompt (and its pool keys)."""
         self._ensure_consumer()
-        d = self.core.route(request_id, hashes, prompt_tokens, pool_keys)
+        d = self.core.route(request_id, hashes, prompt_tokens, pool_keys, tenant)
         if d is not None:
             self.reasons[d.reason] += 1
             self.metrics.decisions.inc(tags={"reason": d.reason})
@@ -215,6 +235,10 @@ class RouterActor:
         self._publish_load(f.replica)
         if delivered_cached_tokens is None:
             return
+        t = self.per_tenant.setdefault(f.tenant or "", Counter())
+        t["requests"] += 1
+        t["prompt_tokens"] += f.prompt_tokens
+        t["cached_tokens"] += delivered_cached_tokens
         c = self.per_replica.setdefault(f.replica, Counter())
         c["requests"] += 1
         c["rerouted"] += int(f.rerouted)
@@ -241,6 +265,7 @@ class RouterActor:
         core = self.core
         for r in sorted(set(core.live) | set(core.index.replicas()) | set(self.per_replica)):
             c = self.per_replica.get(r, Counter())
+            events = core.event_counts.get(r, Counter())
             load = core.book.loads.get(r) or ReplicaLoad()
             self.metrics.blocks.set(core.index.num_blocks(r), tags={"replica": r})
             replicas[r] = {
@@ -258,10 +283,12 @@ class RouterActor:
                 "prediction_exact_rate": round(c["predicted_exact"] / c["requests"], 4) if c["requests"] else None,
                 "prediction_mean_abs_error_tokens": round(c["abs_error_tokens"] / c["requests"], 1)
                 if c["requests"] else None,
-                "event_resets": self.gaps.get(r, 0),
-                "orphan_events": self.orphans.get(r, 0),
+                "event_resets": events["resets"] + events["malformed"],
+                "orphan_events": events["orphans"],
             }
         pool = {node: core.pool.blocks(node) for node in core.pool.nodes}
         return {"time": time.time(), "block_size": self.cfg.block_size, "decisions": dict(self.reasons),
-                "events_applied": self.events_applied, "replicas": replicas, "pool_blocks_by_node": pool,
+                "events_applied": sum(c["applied"] for c in core.event_counts.values()),
+                "foreign_event_batches": core.unknown_batches, "replicas": replicas,
+                "tenants": {t: tenant_figures(c) for t, c in self.per_tenant.items()}, "pool_blocks_by_node": pool,
                 "pool_layouts": core.pool.layouts}

@@ -162,7 +162,7 @@ class RoutedEngineClient(EngineClient):
         """Route, fetch pool blocks the chosen node lacks, send to the replica; returns the serving replica and its
         outputs once the first is in."""
         self.keep_shards()
-        decision, keys = await self._route(gen.request_id, gen.prompt_token_ids, gen.cache_salt)
+        decision, keys = await self._route(gen.request_id, gen.prompt_token_ids, gen.cache_salt, dispatch.tenant)
         if decision and decision.fetch:
             await self._fetch(decision.fetch, keys)
         if decision:
@@ -171,7 +171,8 @@ class RoutedEngineClient(EngineClient):
         stream = self.engine.options(stream=True).generate.remote(gen)
         return await self._started(self._tracked(stream, gen.request_id, decision), gen.request_id)
 
-    async def _route(self, rid: str, ids: list[int], salt: str | None) -> tuple[Decision | None, list[str] | None]:
+    async def _route(self, rid: str, ids: list[int], salt: str | None,
+                     tenant: str | None) -> tuple[Decision | None, list[str] | None]:
         """Ask the router for the cheapest replica; None (Serve's fallback rule) if it is off, down or slow.
         Also returns the prompt's pool keys (when the pool is on)."""
         if self.router is None:
@@ -181,7 +182,7 @@ class RoutedEngineClient(EngineClient):
         hashes = block_hashes(ids[:-1], self.cfg.block_size, (salt,) if salt else ())
         keys = pool_keys(ids[:-1], self.cfg.block_size, request_namespace(salt)) if self.cfg.pool_enabled else None
         try:
-            return await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), keys),
+            return await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), keys, tenant),
                                           timeout=self.cfg.route_timeout_s), keys
         except Exception as e:
             logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections import Counter
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.engine import engine_args
-from actors.router import get_or_create_router
+from actors.router import get_or_create_router, tenant_figures
 from app.engine_client import RoutedEngineClient, ServingError, dispatching
 from kvpool.config import KVPoolConfig
 from kvpool.model import resolve_model
@@ -198,7 +199,7 @@ class OpenAIIngress:
         this ingress's cross-node fetches (requests, blocks wanted, blocks that arrived, failures)."""
         import asyncio
 
-        self._tenant(request)
+        tenant = self._tenant(request)
 
         async def ask(actor) -> dict:
             try:
@@ -206,6 +207,10 @@ class OpenAIIngress:
             except Exception as e:
                 return {"error": f"unavailable: {type(e).__name__}"}
 
+        if tenant is not None and not self._is_admin(request):
+            # A tenant sees its own figures only: the others' traffic, and where it runs, are not its business.
+            router = await ask(self.router) if self.router else {}
+            return {"tenant": router.get("tenants", {}).get(tenant) or tenant_figures(Counter())}
         self.client.keep_shards()
         return {"router": await ask(self.router) if self.router else None,
                 "pool": {node: await ask(shard) for node, shard in self.client.shards.items()}
@@ -271,17 +276,26 @@ class OpenAIIngress:
 
     # --- the request path ----------------------------------------------------------------------------------------
 
-    def _tenant(self, request: Request) -> str | None:
-        """The caller's tenant salt (None when the app has no API keys). The salt scopes KV reuse: vLLM mixes it
-        into the first block's hash, and the router and pool start their chains from it, so one tenant's prompts
-        are never a cache hit for another, and so cannot be probed through response times."""
-        if not self.cfg.api_keys:
-            return None
+    @staticmethod
+    def _key(request: Request) -> str:
         key = request.headers.get("x-api-key")  # Anthropic clients send their key here
         if key is None:
             scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
             key = key if scheme.lower() == "bearer" else ""
-        if any(hmac.compare_digest(key.encode(), k.encode()) for k in self.cfg.api_keys):
+        return key
+
+    def _is_admin(self, request: Request) -> bool:
+        key = self._key(request).encode()
+        return any(hmac.compare_digest(key, k.encode()) for k in self.cfg.admin_api_keys)
+
+    def _tenant(self, request: Request) -> str | None:
+        """The caller's tenant salt (None when the app has no API keys). The salt scopes KV reuse: vLLM mixes it
+        into the first block's hash, and the router and pool start their chains from it, so one tenant's prompts
+        are never a cache hit for another, and so cannot be probed through response times."""
+        if not self.cfg.api_keys and not self.cfg.admin_api_keys:
+            return None
+        key = self._key(request)
+        if any(hmac.compare_digest(key.encode(), k.encode()) for k in self.cfg.api_keys + self.cfg.admin_api_keys):
             return hashlib.sha256(b"kvpool-tenant:" + key.encode()).hexdigest()[:32]
         raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
                        "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})

@@ -77,6 +77,10 @@ class KVPoolConfig(BaseModel):
         "slow networks or fast GPUs (cost = KV bytes per token / link bandwidth over prefill seconds per token).",
     )
     route_timeout_s: float = Field(0.5, gt=0, description="Past this, a request is routed by the fallback rule.")
+    router_inflight_ttl_s: float = Field(
+        3600, gt=0, description="A request whose end the router has not heard of after this long (its ingress "
+        "died) stops counting as its replica's load.",
+    )
 
     # --- shared KV pool ----------------------------------------------------------------------------------------
     pool_enabled: bool = Field(True, description="Save computed KV blocks to the shared pool and load from it.")
@@ -98,6 +102,11 @@ class KVPoolConfig(BaseModel):
     api_keys: list[str] = Field(
         default_factory=list, description="Accepted `Authorization: Bearer` keys; empty: no authentication. Each key "
         "is a tenant: KV computed for one key is never a cache hit for another (engine cache, router and pool).",
+    )
+    admin_api_keys: list[str] = Field(
+        default_factory=list, description="Keys that serve like `api_keys` and also see the whole of "
+        "/v1/kvpool/stats (every tenant, replica and node); with `api_keys` set, other keys see their own "
+        "tenant's figures only.",
     )
     max_queued_requests: int = Field(
         256, ge=1, description="Requests waiting for a free engine slot, over all replicas; past it the API answers "

@@ -16,8 +16,13 @@ deep; equal replicas tie and share the load.
 
 from __future__ import annotations
 
+import logging
 import random
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +39,8 @@ class InFlight:
     predicted_cached_tokens: int
     started: bool = False
     rerouted: bool = False  # Serve sent it to another replica than the router chose (that one was full or slow)
+    charged_at: float = field(default_factory=time.monotonic)
+    tenant: str | None = None  # the caller's tenant (API key salt), for its own figures in the stats
 
 
 class LoadBook:
@@ -49,12 +56,14 @@ class LoadBook:
         self.loads: dict[str, ReplicaLoad] = {}
         self.inflight: dict[str, InFlight] = {}
 
-    def charge(self, request_id: str, replica: str, prompt_tokens: int, predicted_cached_tokens: int) -> None:
+    def charge(self, request_id: str, replica: str, prompt_tokens: int, predicted_cached_tokens: int,
+               tenant: str | None = None) -> None:
         uncached = prompt_tokens - predicted_cached_tokens
         load = self.loads.setdefault(replica, ReplicaLoad())
         load.queued_prefill_tokens += uncached
         load.running += 1
-        self.inflight[request_id] = InFlight(replica, prompt_tokens, uncached, predicted_cached_tokens)
+        self.inflight[request_id] = InFlight(replica, prompt_tokens, uncached, predicted_cached_tokens,
+                                             tenant=tenant)
 
     def started(self, request_id: str, served_by: str | None = None) -> set[str]:
         """The request's first chunk came from `served_by`: its prefill no longer queues, and it runs there.
@@ -86,6 +95,15 @@ class LoadBook:
     def drop_replica(self, replica: str) -> None:
         """A dead replica's load goes; its requests' entries stay until they finish (they fail or are retried)."""
         self.loads.pop(replica, None)
+
+    def expire(self, max_age_s: float, now: float | None = None) -> list[str]:
+        """Entries charged more than `max_age_s` ago whose end was never reported (the ingress that sent them
+        died) leave the load; returns their request ids."""
+        cutoff = (time.monotonic() if now is None else now) - max_age_s
+        old = [rid for rid, f in self.inflight.items() if f.charged_at < cutoff]
+        for rid in old:
+            self.finished(rid)
+        return old
 
 
 @dataclass
@@ -202,6 +220,11 @@ class PoolView:
             n += 1
         return n
 
+    def drop_node(self, node: str) -> None:
+        """A node left the cluster: its pool went with it."""
+        self.nodes.pop(node, None)
+        self.seq.pop(node, None)
+
     def blocks(self, node: str) -> int:
         """Blocks `node`'s pool holds in every layout."""
         sets = [self.nodes.get(node, {}).get(layout, set()) for layout in self.layouts]
@@ -237,11 +260,59 @@ class RouterCore:
         self.book = LoadBook()
         self.pool = PoolView()
         self.live: list[str] = []
-        self.node_of: dict[str, str] = {}  # replica -> its node
+        self.node_of: dict[str, str] = {}  # replica -> its node (registered replicas)
+        self.last_seq: dict[str, int] = {}  # replica -> sequence number of its last event batch
+        self.event_counts: dict[str, Counter] = {}  # replica -> applied, orphans, resets, malformed
+        self.unknown_batches = 0  # event batches from a topic that is no replica of the app: dropped
+
+    def ingest(self, replica: str, seq: int, events: list) -> str | None:
+        """Apply one batch of KV events that `replica`'s engine published with sequence number `seq`. Returns None
+        when it applied cleanly, else what happened instead:
+        - "unknown": the topic is no live or registered replica (a stray publisher, or a replica already dropped):
+          the batch is dropped, so it can neither create an index entry nor revive a dead replica's;
+        - "gap": batches were lost in between (removals among them, maybe): the replica's view was reset first;
+        - "malformed": an event could not be applied (e.g. another block size): the replica's view is reset and
+          the rest of the batch dropped, so the index never holds a half-applied batch. Never raises."""
+        if replica not in self.node_of and replica not in self.live:
+            self.unknown_batches += 1
+            return "unknown"
+        counts = self.event_counts.setdefault(replica, Counter())
+        last = self.last_seq.get(replica)
+        self.last_seq[replica] = seq
+        outcome = None
+        if last is not None and seq != last + 1:
+            logger.warning("KV view of replica %s reset: sequence gap %s -> %s", replica, last, seq)
+            self.index.clear(replica)
+            counts["resets"] += 1
+            outcome = "gap"
+        for ev in events:
+            try:
+                if not self.index.apply(replica, ev):
+                    # Its chain started before we listened (e.g. after a router restart): we cannot name these
+                    # blocks, so they stay unindexed. Nothing stale is kept, so no reset is needed.
+                    counts["orphans"] += 1
+            except Exception as e:
+                logger.warning("KV view of replica %s reset: malformed event %s (%s)", replica,
+                               type(ev).__name__, e)
+                self.index.clear(replica)
+                counts["malformed"] += 1
+                return "malformed"
+            counts["applied"] += 1
+        return outcome
+
+    def keep_nodes(self, alive: set[str]) -> list[str]:
+        """The cluster's live nodes: the pools of nodes that left leave the view; returns those nodes."""
+        gone = sorted(set(self.pool.nodes) - alive)
+        for node in gone:
+            self.pool.drop_node(node)
+        return gone
 
     def set_replicas(self, replicas: list[str]) -> list[str]:
-        """The current replica list; returns the replicas that left (dropped)."""
-        gone = (set(self.index.replicas()) | set(self.book.loads) | set(self.node_of)) - set(replicas)
+        """Serve's current replica list; returns the replicas that left (dropped): those it listed before, and any
+        unregistered one the index or the queues still name. A replica that registered but is not listed yet (it
+        announces itself before Serve sends it traffic) stays."""
+        new = set(replicas)
+        gone = (set(self.live) - new) | ((set(self.index.replicas()) | set(self.book.loads)) - new - set(self.node_of))
         for r in gone:
             self.drop(r)
         self.live = list(replicas)
@@ -252,13 +323,14 @@ class RouterCore:
         self.index.remove_replica(replica)
         self.book.drop_replica(replica)
         self.node_of.pop(replica, None)
+        self.last_seq.pop(replica, None)
         if replica in self.live:
             self.live = [r for r in self.live if r != replica]
 
-    def route(self, request_id: str, hashes, prompt_tokens: int,
-              pool_keys: list[str] | None = None) -> Decision | None:
+    def route(self, request_id: str, hashes, prompt_tokens: int, pool_keys: list[str] | None = None,
+              tenant: str | None = None) -> Decision | None:
         """The cheapest live replica for a request, given the chain hashes of its prompt (kvpool.hashing) and,
-        with the pool on, its pool keys. The request is charged to the choice."""
+        with the pool on, its pool keys. The request is charged to the choice (and counted to `tenant`)."""
         replicas = self.live
         if not replicas:
             return None
@@ -271,5 +343,5 @@ class RouterCore:
                    self.pool_fetch_cost, self.rng)
         if d.fetch:  # the chosen replica's node copies these blocks from the other node first
             d.fetch.target_node, d.fetch.layouts = self.node_of.get(d.replica, ""), self.pool.layouts
-        self.book.charge(request_id, d.replica, prompt_tokens, d.predicted_cached_tokens)
+        self.book.charge(request_id, d.replica, prompt_tokens, d.predicted_cached_tokens, tenant)
         return d

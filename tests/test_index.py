@@ -229,3 +229,52 @@ def test_router_core_prices_the_pool_on_the_replicas_node_and_charges_its_choice
     assert core.set_replicas(["a"]) == ["b"] and core.live == ["a"]
     d = core.route("r2", block_hashes(list(range(17)), 4), 17, keys)
     assert d.replica == "a" and d.fetch.source_node == "n2" and d.fetch.target_node == "n1"
+
+
+def test_event_batches_from_strangers_bad_events_and_gaps_never_leave_wrong_hits():
+    core = RouterCore(block_size=BS, running_cost_tokens=0)
+    core.node_of["a"] = "n1"  # registered; Serve has not listed it yet
+    tokens = list(range(1000, 1000 + 4 * BS))
+    hashes = block_hashes(tokens, BS)
+    # A topic that is no replica of the app creates nothing.
+    assert core.ingest("stranger", 0, [stored(tokens, 0, 4)]) == "unknown"
+    assert "stranger" not in core.index.replicas() and core.unknown_batches == 1
+    assert core.ingest("a", 0, [stored(tokens, 0, 2, tag=1)]) is None
+    assert core.index.match(hashes, ["a"]) == {"a": 2}
+    # An event the index cannot apply (another block size) resets that replica's view and drops the rest of the
+    # batch; the next batch applies as usual.
+    bad = BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=tokens[:16], block_size=16)
+    assert core.ingest("a", 1, [bad, stored(tokens, 0, 4, tag=2)]) == "malformed"
+    assert core.index.match(hashes, ["a"]) == {"a": 0}
+    assert core.ingest("a", 2, [stored(tokens, 0, 4, tag=3)]) is None
+    assert core.index.match(hashes, ["a"]) == {"a": 4}
+    # A lost batch (3) may have held removals: the view resets before batch 4 applies.
+    assert core.ingest("a", 4, [stored(tokens, 0, 1, tag=4)]) == "gap"
+    assert core.index.match(hashes, ["a"]) == {"a": 1}
+    assert core.event_counts["a"] == {"applied": 3, "malformed": 1, "resets": 1}
+    # Serve's list without "a" does not drop a replica that registered and was never listed...
+    assert core.set_replicas(["b"]) == [] and core.node_of == {"a": "n1"}
+    # ...but once listed, leaving the list drops it, and its later events are a stranger's.
+    core.set_replicas(["a", "b"])
+    assert core.set_replicas(["b"]) == ["a"] and "a" not in core.node_of
+    assert core.ingest("a", 5, [stored(tokens, 0, 4, tag=5)]) == "unknown"
+    assert "a" not in core.index.replicas()
+
+
+def test_requests_whose_end_is_never_reported_expire_from_the_load():
+    book = LoadBook()
+    book.charge("r1", "a", 1000, 0)
+    book.charge("r2", "a", 500, 100)
+    book.inflight["r1"].charged_at -= 100  # r1's ingress died 100 s ago
+    assert book.expire(max_age_s=60) == ["r1"]
+    assert book.loads["a"] == ReplicaLoad(queued_prefill_tokens=400, running=1) and list(book.inflight) == ["r2"]
+
+
+def test_a_node_that_leaves_takes_its_pool_out_of_the_view():
+    core = RouterCore(block_size=4, running_cost_tokens=0)
+    core.pool.layouts = ["l"]
+    core.pool.update("n1", 0, [("l", "k0")], [])
+    core.pool.update("n2", 0, [("l", "k0")], [])
+    assert core.keep_nodes({"n1"}) == ["n2"]
+    assert list(core.pool.nodes) == ["n1"] and core.pool.leading_hits("n2", ["k0"]) == 0
+    assert core.pool.update("n2", 0, [("l", "k0")], [])  # a node that comes back reports in full

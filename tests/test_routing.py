@@ -140,3 +140,37 @@ def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
     after = wait_live(url, 2, timeout=240)
     assert victim not in after
     chat(url, [{"role": "user", "content": "fox"}])
+
+
+def test_the_event_port_takes_only_the_apps_engines(tiny_app):
+    import zmq
+
+    from actors.router import NAMESPACE, router_name
+    from kvpool.events import BlockStored, EventBatch, encode_message
+
+    url, cfg = tiny_app
+    live = wait_live(url, 2)
+    endpoint, prefix = ray.get(ray.get_actor(router_name("tiny"), namespace=NAMESPACE).endpoint.remote())
+    msgs = [{"role": "user", "content": "a prompt no test sends before: " + text(random.Random(55), 400)}]
+    ids = httpx.post(f"{url}/tokenize", json={"model": "tiny", "messages": msgs}, timeout=30).json()["tokens"]
+    n = (len(ids) - 1) // TEST_BLOCK
+    # An outsider on the port claims that a live replica holds this prompt (never computed anywhere)...
+    lie = EventBatch(ts=0.0, events=[BlockStored(block_hashes=list(range(n)), parent_block_hash=None,
+                                                 token_ids=ids[:n * TEST_BLOCK], block_size=TEST_BLOCK)])
+    before = stats(url)["foreign_event_batches"]
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.connect(endpoint)
+    try:
+        deadline = time.time() + 30
+        # ...then, on the same connection (ZMQ keeps its order), a batch under the app's topic prefix from no
+        # replica: once the router has counted that one, it has seen the lie before it.
+        while stats(url)["foreign_event_batches"] == before:
+            assert time.time() < deadline, "the router never received the control batch"
+            pub.send_multipart(encode_message(live[0], 0, lie))
+            pub.send_multipart(encode_message(prefix + "no-such-replica", 0, lie))
+            time.sleep(0.2)  # resend pacing: a PUB socket drops what it sends before its connection is up
+    finally:
+        pub.close(linger=0)
+    r = chat(url, msgs, max_tokens=1)
+    assert int(r.headers["x-kvpool-predicted-cached-tokens"]) == 0
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

@@ -2,13 +2,14 @@
 prefix routing and the pool on), over HTTP."""
 
 import asyncio
+import time
 
 import httpx
 import pytest
 
 from conftest import TEST_BLOCK, wait_ready
 
-KEYS = {"a": "key-tenant-a", "b": "key-tenant-b"}
+KEYS = {"a": "key-tenant-a", "b": "key-tenant-b", "admin": "key-admin"}
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,8 @@ def guarded_app(ray_cluster, tiny_model_dir, tmp_path_factory):
 
     # One engine slot and a queue of two: the fourth concurrent request finds the engine deployment full.
     cfg = KVPoolConfig(model=str(tiny_model_dir), served_model_name="tiny", num_replicas=1, max_model_len=4096,
-                       kv_cache_bytes=16 << 20, block_size=TEST_BLOCK, router_port=5593, api_keys=list(KEYS.values()),
+                       kv_cache_bytes=16 << 20, block_size=TEST_BLOCK, router_port=5593, api_keys=[KEYS["a"], KEYS["b"]],
+                       admin_api_keys=[KEYS["admin"]],
                        max_ongoing_requests=1, max_queued_requests=2, retry_after_s=3,
                        pool_host_dir=str(tmp_path_factory.mktemp("g-host")),
                        pool_disk_dir=str(tmp_path_factory.mktemp("g-disk")))
@@ -91,3 +93,24 @@ def test_overload_answers_429_with_retry_after_and_loses_nothing(guarded_app):
             assert r.json()["usage"]["completion_tokens"] == 48
     # The server recovers: the next request after the burst is served.
     assert complete(guarded_app, "a", "after the burst").status_code == 200
+
+
+def test_stats_show_a_tenant_its_own_figures_and_an_admin_everything(guarded_app):
+    def stats(tenant):
+        r = httpx.get(f"{guarded_app}/v1/kvpool/stats", headers=auth(tenant), timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    a0, b0 = stats("a")["tenant"], stats("b")["tenant"]
+    r = complete(guarded_app, "a", "figures of tenant a " * 20)
+    deadline = time.time() + 30
+    while (a := stats("a"))["tenant"]["requests"] == a0["requests"]:  # the router hears of the end after the reply
+        assert time.time() < deadline, a
+        time.sleep(0.2)
+    assert set(a) == {"tenant"}  # no replicas, nodes or other tenants
+    assert a["tenant"]["requests"] == a0["requests"] + 1
+    assert a["tenant"]["prompt_tokens"] == a0["prompt_tokens"] + r.json()["usage"]["prompt_tokens"]
+    assert stats("b")["tenant"] == b0
+    admin = stats("admin")
+    assert admin["router"]["replicas"] and admin["pool"]
+    assert a["tenant"] in admin["router"]["tenants"].values()
