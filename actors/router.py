@@ -174,7 +174,7 @@ class RouterActor:
                 topic, seq, batch = decode_message(frames)
             except Exception:
                 logger.warning("undecodable KV event message dropped")
-                self.core.unknown_batches += 1
+                self.core.foreign_batches += 1
                 continue
             replica = topic[prefix:]
             if self.core.ingest(replica, seq, batch.events) in ("gap", "malformed"):
@@ -289,6 +289,6 @@ class RouterActor:
         pool = {node: core.pool.blocks(node) for node in core.pool.nodes}
         return {"time": time.time(), "block_size": self.cfg.block_size, "decisions": dict(self.reasons),
                 "events_applied": sum(c["applied"] for c in core.event_counts.values()),
-                "foreign_event_batches": core.unknown_batches, "replicas": replicas,
+                "foreign_event_batches": core.foreign_batches, "replicas": replicas,
                 "tenants": {t: tenant_figures(c) for t, c in self.per_tenant.items()}, "pool_blocks_by_node": pool,
                 "pool_layouts": core.pool.layouts}

@@ -263,7 +263,7 @@ class RouterCore:
         self.node_of: dict[str, str] = {}  # replica -> its node (registered replicas)
         self.last_seq: dict[str, int] = {}  # replica -> sequence number of its last event batch
         self.event_counts: dict[str, Counter] = {}  # replica -> applied, orphans, resets, malformed
-        self.unknown_batches = 0  # event batches from a topic that is no replica of the app: dropped
+        self.foreign_batches = 0  # event batches from a topic that is no replica of the app: dropped
 
     def ingest(self, replica: str, seq: int, events: list) -> str | None:
         """Apply one batch of KV events that `replica`'s engine published with sequence number `seq`. Returns None
@@ -274,7 +274,7 @@ class RouterCore:
         - "malformed": an event could not be applied (e.g. another block size): the replica's view is reset and
           the rest of the batch dropped, so the index never holds a half-applied batch. Never raises."""
         if replica not in self.node_of and replica not in self.live:
-            self.unknown_batches += 1
+            self.foreign_batches += 1
             return "unknown"
         counts = self.event_counts.setdefault(replica, Counter())
         last = self.last_seq.get(replica)

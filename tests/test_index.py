@@ -238,7 +238,7 @@ def test_event_batches_from_strangers_bad_events_and_gaps_never_leave_wrong_hits
     hashes = block_hashes(tokens, BS)
     # A topic that is no replica of the app creates nothing.
     assert core.ingest("stranger", 0, [stored(tokens, 0, 4)]) == "unknown"
-    assert "stranger" not in core.index.replicas() and core.unknown_batches == 1
+    assert "stranger" not in core.index.replicas() and core.foreign_batches == 1
     assert core.ingest("a", 0, [stored(tokens, 0, 2, tag=1)]) is None
     assert core.index.match(hashes, ["a"]) == {"a": 2}
     # An event the index cannot apply (another block size) resets that replica's view and drops the rest of the
