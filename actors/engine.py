@@ -7,8 +7,10 @@ prefix cache.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -49,7 +51,8 @@ def engine_env(cfg: KVPoolConfig) -> dict[str, str]:
     return env
 
 
-def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | None = None, topic: str = ""):
+def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | None = None, topic: str = "",
+                replay_endpoint: str | None = None):
     from vllm import AsyncEngineArgs
     from vllm.config import KVEventsConfig
 
@@ -75,9 +78,11 @@ def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | No
         # A step must know whether the previous one's pool loads worked before it is planned (kvpool/connector.py).
         kwargs["async_scheduling"] = False
     if kv_events_endpoint:
-        # Connect (no '*') to the router's SUB socket; the topic names this replica in the router's index.
+        # Connect (no '*') to the router's SUB socket; the topic names this replica in the router's index. The
+        # replay socket (a node-local ipc path: only this replica reads it) serves the publisher's recent batches.
         kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
-                                                    endpoint=kv_events_endpoint, topic=topic)
+                                                    endpoint=kv_events_endpoint, topic=topic,
+                                                    replay_endpoint=replay_endpoint)
     if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         # Workers go into the replica's placement group (see app.builder.engine_deployment_options).
         kwargs["distributed_executor_backend"] = "ray"
@@ -102,6 +107,33 @@ def _engine_kwargs(given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+REPLAY_END = (-1).to_bytes(8, "big", signed=True)  # vLLM's ZmqEventPublisher.END_SEQ
+
+
+async def read_replay(endpoint: str, timeout_s: float = 30.0) -> list[list[bytes]]:
+    """Every KV event message a vLLM publisher's replay socket still buffers, oldest first, as [topic, seq,
+    payload] frames (kvpool.events.decode_message). vLLM's protocol: a request carries the first sequence number
+    wanted; the answer is the buffered messages from it on, then one with sequence number -1."""
+    import zmq
+    import zmq.asyncio
+
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVHWM, 0)  # the whole buffer comes at once; nothing may be dropped on our side
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        await sock.send_multipart([b"", (0).to_bytes(8, "big")])
+        messages = []
+        async with asyncio.timeout(timeout_s):
+            while True:
+                _, topic, seq, payload = await sock.recv_multipart()
+                if seq == REPLAY_END:
+                    return messages
+                messages.append([topic, seq, payload])
+    finally:
+        sock.close()
+
+
 class EngineReplica:
     def __init__(self, cfg: KVPoolConfig):
         from ray import serve
@@ -112,11 +144,14 @@ class EngineReplica:
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         endpoint, topic_prefix = self._router_endpoint(ctx.app_name) if cfg.prefix_routing else (None, "")
+        self.replay_endpoint = f"ipc://{tempfile.gettempdir()}/kvpool-events-{self.replica_id}" if endpoint else None
         # Resolved here, on the replica's node: the embedded model is converted where it is used.
-        args = engine_args(cfg, resolve_model(cfg.model), endpoint, topic=topic_prefix + self.replica_id)
+        args = engine_args(cfg, resolve_model(cfg.model), endpoint, topic=topic_prefix + self.replica_id,
+                           replay_endpoint=self.replay_endpoint)
         self.engine = AsyncLLM.from_engine_args(args)
+        self._introduction: asyncio.Task | None = None
         if self.router is not None:
-            self._register()
+            self.router.register.remote(*self._registration())  # at once; a replay, if wanted, at the health check
 
     def _router_endpoint(self, app_name: str) -> tuple[str | None, str]:
         """The router's KV-event endpoint and the topic prefix it accepts."""
@@ -161,7 +196,8 @@ class EngineReplica:
         if final is not None:
             yield ReplicaOutput(final)
 
-    def _register(self) -> None:
+    def _registration(self) -> tuple:
+        """What the router's `register` takes: this replica, its actor, its node and its pool layouts."""
         import ray
 
         layouts = None
@@ -170,12 +206,29 @@ class EngineReplica:
 
             layouts = [layout_name(self.engine.vllm_config, rank) for rank in range(self.cfg.tensor_parallel_size)]
         ctx = ray.get_runtime_context()
-        self.router.register.remote(self.replica_id, ctx.current_actor, ctx.get_node_id(), layouts)
+        return self.replica_id, ctx.current_actor, ctx.get_node_id(), layouts
+
+    async def _introduce(self) -> None:
+        """Register with the router (a restarted one learns of this replica so), and replay the publisher's buffered
+        KV events when it asks: its view of this engine is incomplete."""
+        try:
+            wants_replay = await asyncio.wait_for(self.router.register.remote(*self._registration(), True), 30)
+        except Exception:  # the router is restarting: the next health check tries again
+            logger.debug("router unreachable from replica %s", self.replica_id, exc_info=True)
+            return
+        if wants_replay:
+            messages = None
+            try:
+                messages = await read_replay(self.replay_endpoint)
+            except Exception:
+                logger.exception("replica %s could not read its KV event replay", self.replica_id)
+            self.router.replayed.remote(self.replica_id, messages)
 
     async def check_health(self) -> None:
         await self.engine.check_health()
-        if self.router is not None:
-            self._register()  # also re-introduces this replica to a restarted router
+        # In the background: a health check must not wait on the router.
+        if self.router is not None and (self._introduction is None or self._introduction.done()):
+            self._introduction = asyncio.get_running_loop().create_task(self._introduce())
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -3,12 +3,13 @@ index (kvpool.index) and each replica's queue, and answers "which replica should
 
 Faults it survives:
 - lost or reordered event batches (a sequence gap): that replica's view is reset (removals may have been lost),
-  so the router predicts fewer hits for it until fresh events arrive, never phantom ones; blocks whose parent it
-  never saw (chains begun before it listened) stay unindexed;
+  so the router predicts fewer hits for it, never phantom ones, until the engine replays its recent batches (at its
+  next health check, within ~5 s; RouterCore.begin_replay);
 - a replica that dies: a watchdog pings the replicas' actors and drops a dead one within about half a second (Serve's
   own replica list, pushed by the request-router plug-in, follows a few seconds later);
-- its own death: Ray restarts it (max_restarts=-1) and it rebuilds from new events (chains that start after the
-  restart); meanwhile the ingress routes on Serve's power-of-two fallback;
+- its own death: Ray restarts it (max_restarts=-1); the engines register again at their next health check and
+  replay the batches their publishers still buffer (vLLM keeps the last 10,000), so it relearns what they hold
+  (blocks stored before that stay unindexed); meanwhile the ingress routes on Serve's power-of-two fallback;
 - strangers and bad input on its event port: only topics carrying the app's secret are received, batches from no
   known replica are dropped, an event that cannot be applied resets that replica's view (RouterCore.ingest), and
   the receive queue and message size are bounded;
@@ -163,6 +164,8 @@ class RouterActor:
                     logger.warning("node %s left: its pool leaves the view", node)
                 for rid in self.core.book.expire(self.cfg.router_inflight_ttl_s):
                     logger.warning("request %s never reported its end: no longer counted as load", rid)
+                for replica in self.core.expire_replays(60.0):
+                    logger.warning("replica %s never sent the replay it was asked for", replica)
             except Exception:
                 logger.exception("router upkeep failed")
 
@@ -189,14 +192,26 @@ class RouterActor:
         return self._endpoint, self._topic_prefix
 
     async def register(self, replica: str, actor: ray.actor.ActorHandle, node_id: str = "",
-                       pool_layouts: list[str] | None = None) -> None:
+                       pool_layouts: list[str] | None = None, can_replay: bool = False) -> bool:
         """An engine replica announces its actor (so the watchdog notices its death), its node and its pool
-        layouts."""
+        layouts. True asks it (when it `can_replay`) for the KV event batches its publisher still buffers: this
+        router's view of it is incomplete. It then calls `replayed`."""
         self._ensure_consumer()
         self.actors[replica] = actor
         self.core.node_of[replica] = node_id
         if pool_layouts:
             self.core.pool.layouts = list(pool_layouts)
+        return can_replay and self.core.begin_replay(replica)
+
+    async def replayed(self, replica: str, messages: list[list[bytes]] | None) -> None:
+        """The replay `register` asked for: the publisher's buffered messages, oldest first (None: it failed)."""
+        batches = None
+        if messages is not None:
+            try:
+                batches = [(seq, batch.events) for _, seq, batch in map(decode_message, messages)]
+            except Exception:
+                logger.warning("replica %s sent an undecodable replay", replica)
+        self.core.end_replay(replica, batches)
 
     async def pool_update(self, node: str, seq: int, added: list[tuple[str, str]],
                           removed: list[tuple[str, str]]) -> bool:
@@ -284,6 +299,7 @@ class RouterActor:
                 "prediction_mean_abs_error_tokens": round(c["abs_error_tokens"] / c["requests"], 1)
                 if c["requests"] else None,
                 "event_resets": events["resets"] + events["malformed"],
+                "event_replays": events["replays"],
                 "orphan_events": events["orphans"],
             }
         pool = {node: core.pool.blocks(node) for node in core.pool.nodes}

@@ -262,7 +262,9 @@ class RouterCore:
         self.live: list[str] = []
         self.node_of: dict[str, str] = {}  # replica -> its node (registered replicas)
         self.last_seq: dict[str, int] = {}  # replica -> sequence number of its last event batch
-        self.event_counts: dict[str, Counter] = {}  # replica -> applied, orphans, resets, malformed
+        self.event_counts: dict[str, Counter] = {}  # replica -> applied, orphans, resets, malformed, replays
+        self.complete: set[str] = set()  # replicas whose view holds every batch since the engine's first (or replay)
+        self.replaying: dict[str, tuple[float, list]] = {}  # replica -> (awaited since, batches that wait for it)
         self.foreign_batches = 0  # event batches from a topic that is no replica of the app: dropped
 
     def ingest(self, replica: str, seq: int, events: list) -> str | None:
@@ -270,19 +272,30 @@ class RouterCore:
         when it applied cleanly, else what happened instead:
         - "unknown": the topic is no live or registered replica (a stray publisher, or a replica already dropped):
           the batch is dropped, so it can neither create an index entry nor revive a dead replica's;
+        - "deferred": a replay of the replica's recent batches is on its way; this batch applies after it;
         - "gap": batches were lost in between (removals among them, maybe): the replica's view was reset first;
         - "malformed": an event could not be applied (e.g. another block size): the replica's view is reset and
           the rest of the batch dropped, so the index never holds a half-applied batch. Never raises."""
         if replica not in self.node_of and replica not in self.live:
             self.foreign_batches += 1
             return "unknown"
+        if replica in self.replaying:
+            self.replaying[replica][1].append((seq, events))
+            return "deferred"
+        return self._apply(replica, seq, events)
+
+    def _apply(self, replica: str, seq: int, events: list) -> str | None:
         counts = self.event_counts.setdefault(replica, Counter())
         last = self.last_seq.get(replica)
         self.last_seq[replica] = seq
         outcome = None
-        if last is not None and seq != last + 1:
+        if last is None:
+            if seq == 0:  # heard from the engine's first batch on: the view is whole
+                self.complete.add(replica)
+        elif seq != last + 1:
             logger.warning("KV view of replica %s reset: sequence gap %s -> %s", replica, last, seq)
             self.index.clear(replica)
+            self.complete.discard(replica)
             counts["resets"] += 1
             outcome = "gap"
         for ev in events:
@@ -299,6 +312,49 @@ class RouterCore:
                 return "malformed"
             counts["applied"] += 1
         return outcome
+
+    # A router that started after an engine (it restarted), or lost some of its batches, knows only part of what
+    # that engine holds. The engine's publisher keeps its recent batches (vLLM's replay buffer); the engine sends
+    # them when the router asks (actors/engine.py), and the view is rebuilt from them.
+
+    def begin_replay(self, replica: str, now: float | None = None) -> bool:
+        """Whether `replica`'s view is incomplete and no replay is on its way; if so, one is now awaited and its
+        live batches wait for it (see end_replay)."""
+        if replica in self.complete or replica in self.replaying:
+            return False
+        self.replaying[replica] = (time.monotonic() if now is None else now, [])
+        return True
+
+    def end_replay(self, replica: str, batches: list[tuple[int, list]] | None) -> None:
+        """The replica's replayed (seq, events) batches, oldest first, or None when the replay failed. The view is
+        rebuilt from the contiguous run of batches that ends at the newest (a batch lost before it may have removed
+        blocks), then the batches that arrived meanwhile apply."""
+        pending = self.replaying.pop(replica, None)
+        if pending is None:  # dropped, or expired, meanwhile
+            return
+        waiting = pending[1]
+        if batches is not None:
+            start = max((i for i in range(1, len(batches)) if batches[i][0] != batches[i - 1][0] + 1), default=0)
+            batches = batches[start:]
+            self.index.clear(replica)
+            self.last_seq.pop(replica, None)
+            self.event_counts.setdefault(replica, Counter())["replays"] += 1
+            for seq, events in batches:
+                self._apply(replica, seq, events)
+            self.complete.add(replica)  # as complete as the engine's buffer: older blocks stay unindexed
+            if batches:
+                waiting = [(seq, events) for seq, events in waiting if seq > batches[-1][0]]
+        for seq, events in waiting:
+            self._apply(replica, seq, events)
+
+    def expire_replays(self, max_age_s: float, now: float | None = None) -> list[str]:
+        """Give up on replays awaited longer than `max_age_s` (their engine died or is unreachable): the batches
+        that waited apply. Returns those replicas."""
+        now = time.monotonic() if now is None else now
+        late = [r for r, (since, _) in self.replaying.items() if now - since > max_age_s]
+        for r in late:
+            self.end_replay(r, None)
+        return late
 
     def keep_nodes(self, alive: set[str]) -> list[str]:
         """The cluster's live nodes: the pools of nodes that left leave the view; returns those nodes."""
@@ -324,6 +380,8 @@ class RouterCore:
         self.book.drop_replica(replica)
         self.node_of.pop(replica, None)
         self.last_seq.pop(replica, None)
+        self.complete.discard(replica)
+        self.replaying.pop(replica, None)
         if replica in self.live:
             self.live = [r for r in self.live if r != replica]
 
@@ -331,7 +389,9 @@ class RouterCore:
               tenant: str | None = None) -> Decision | None:
         """The cheapest live replica for a request, given the chain hashes of its prompt (kvpool.hashing) and,
         with the pool on, its pool keys. The request is charged to the choice (and counted to `tenant`)."""
-        replicas = self.live
+        # Serve's list; until it arrives (a restarted router hears it at the next request Serve routes without a
+        # choice), the replicas that registered: the watchdog keeps those alive.
+        replicas = self.live or list(self.node_of)
         if not replicas:
             return None
         bs = self.block_size

@@ -261,6 +261,42 @@ def test_event_batches_from_strangers_bad_events_and_gaps_never_leave_wrong_hits
     assert "a" not in core.index.replicas()
 
 
+def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
+    core = RouterCore(block_size=BS, running_cost_tokens=0)
+    core.node_of["a"] = "n1"
+    tokens = list(range(3000, 3000 + 5 * BS))
+    hashes = block_hashes(tokens, BS)
+    head, middle, tail = stored(tokens, 0, 2), stored(tokens, 2, 2, parent=hash((0, 1))), \
+        stored(tokens, 4, 1, parent=hash((0, 3)))
+    # The router (re)started after batch 3 went out: batch 4 continues a chain it never saw, so nothing is named.
+    assert core.ingest("a", 4, [middle]) is None and core.index.match(hashes, ["a"]) == {"a": 0}
+    assert core.begin_replay("a", now=0) and not core.begin_replay("a", now=0)  # one at a time
+    # A batch that arrives while the replay is on its way waits for it.
+    assert core.ingest("a", 5, [tail]) == "deferred" and core.index.match(hashes, ["a"]) == {"a": 0}
+    # Batch 1 of the replay was lost: batch 0 (another prompt) may have been removed in it, so only the run
+    # 2..4 rebuilds the view; then batch 5 applies, once (the replay already held batch 4).
+    other = list(range(9000, 9000 + BS))
+    core.end_replay("a", [(0, [stored(other, 0, 1, tag=9)]), (2, [head]), (3, []), (4, [middle])])
+    assert core.index.match(hashes, ["a"]) == {"a": 5}
+    assert core.index.match(block_hashes(other, BS), ["a"]) == {"a": 0}
+    assert core.event_counts["a"]["replays"] == 1 and not core.begin_replay("a", now=1)  # the view is whole
+    # A later gap makes it partial again; a replay that fails lets the waiting batches apply as they are.
+    assert core.ingest("a", 7, []) == "gap" and core.begin_replay("a", now=2)
+    assert core.ingest("a", 8, [head]) == "deferred"
+    core.end_replay("a", None)
+    assert core.index.match(hashes, ["a"]) == {"a": 2} and core.begin_replay("a", now=3)
+    # A replay that never comes (its engine died) is given up, and its waiting batches apply.
+    assert core.ingest("a", 9, [middle]) == "deferred"
+    assert core.expire_replays(60, now=30) == [] and core.expire_replays(60, now=64) == ["a"]
+    assert core.index.match(hashes, ["a"]) == {"a": 4}
+    # A replica whose first batch the router hears is the engine's first needs no replay.
+    core.node_of["b"] = "n1"
+    assert core.ingest("b", 0, [head]) is None and not core.begin_replay("b")
+    # Serve's replica list has not arrived yet (the router restarted): the registered replicas are the candidates.
+    d = core.route("r1", hashes, 5 * BS + 1)
+    assert not core.live and (d.replica, d.predicted_cached_tokens, d.reason) == ("a", 4 * BS, "prefix")
+
+
 def test_requests_whose_end_is_never_reported_expire_from_the_load():
     book = LoadBook()
     book.charge("r1", "a", 1000, 0)
