@@ -51,7 +51,7 @@ def engine_env(cfg: KVPoolConfig) -> dict[str, str]:
     return env
 
 
-def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | None = None, topic: str = "",
+def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | None = None,
                 replay_endpoint: str | None = None):
     from vllm import AsyncEngineArgs
     from vllm.config import KVEventsConfig
@@ -78,11 +78,10 @@ def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | No
         # A step must know whether the previous one's pool loads worked before it is planned (kvpool/connector.py).
         kwargs["async_scheduling"] = False
     if kv_events_endpoint:
-        # Connect (no '*') to the router's SUB socket; the topic names this replica in the router's index. The
-        # replay socket (a node-local ipc path: only this replica reads it) serves the publisher's recent batches.
+        # Both node-local ipc paths (vLLM binds them), read by this replica only: the publisher by its EventRelay,
+        # the replay socket (the publisher's recent batches) when the router asks for them.
         kwargs["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
-                                                    endpoint=kv_events_endpoint, topic=topic,
-                                                    replay_endpoint=replay_endpoint)
+                                                    endpoint=kv_events_endpoint, replay_endpoint=replay_endpoint)
     if cfg.tensor_parallel_size * cfg.pipeline_parallel_size > 1:
         # Workers go into the replica's placement group (see app.builder.engine_deployment_options).
         kwargs["distributed_executor_backend"] = "ray"
@@ -134,38 +133,110 @@ async def read_replay(endpoint: str, timeout_s: float = 30.0) -> list[list[bytes
         sock.close()
 
 
+class EventRelay:
+    """Carries an engine's KV events from its vLLM publisher (bound on a node-local ipc path) to wherever the
+    router is, under the topic the router accepts. The engine's publisher is fixed when the engine starts; the
+    router is not (Ray may restart it on another node, or the ingress make it anew with a new secret), so
+    `retarget` re-points the relay and the engine keeps running. Its own thread: ZMQ sockets never cross threads."""
+
+    def __init__(self, source: str, replica: str):
+        import threading
+
+        import zmq
+
+        self.replica = replica
+        self.target: tuple[str, str] | None = None
+        self._ctx = zmq.Context.instance()
+        self._control_address = f"inproc://kvpool-relay-{replica}"
+        self._control = self._ctx.socket(zmq.PAIR)  # used from the replica's event loop only
+        self._control.bind(self._control_address)
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="kvpool-event-relay")
+        self._thread.start()
+
+    def retarget(self, endpoint: str, topic_prefix: str) -> None:
+        """Send from now on to `endpoint`, under topic `topic_prefix` + this replica."""
+        if self.target != (endpoint, topic_prefix):
+            self.target = (endpoint, topic_prefix)
+            self._control.send_multipart([endpoint.encode(), (topic_prefix + self.replica).encode()])
+
+    def close(self) -> None:
+        self._control.send_multipart([b""])
+        self._thread.join(timeout=2)
+        self._control.close(linger=0)
+
+    def _run(self, source: str) -> None:
+        import zmq
+
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.RCVHWM, 100_000)  # vLLM's own publisher bound
+        sub.connect(source)
+        control = self._ctx.socket(zmq.PAIR)
+        control.connect(self._control_address)
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        pub, topic = None, b""
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if control in ready:
+                    frames = control.recv_multipart()
+                    if frames == [b""]:
+                        return
+                    if pub is not None:
+                        pub.close(linger=0)
+                    endpoint, topic = frames
+                    pub = self._ctx.socket(zmq.PUB)
+                    pub.setsockopt(zmq.SNDHWM, 100_000)
+                    pub.connect(endpoint.decode())
+                if sub in ready:
+                    _, seq, payload = sub.recv_multipart()
+                    if pub is not None:  # no router yet: the engine's replay buffer keeps the batch for it
+                        pub.send_multipart([topic, seq, payload])
+        finally:
+            sub.close(linger=0)
+            control.close(linger=0)
+            if pub is not None:
+                pub.close(linger=0)
+
+
 class EngineReplica:
     def __init__(self, cfg: KVPoolConfig):
         from ray import serve
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.cfg = cfg
-        self.router = None
         ctx = serve.get_replica_context()
-        self.replica_id = ctx.replica_id.unique_id
-        endpoint, topic_prefix = self._router_endpoint(ctx.app_name) if cfg.prefix_routing else (None, "")
-        self.replay_endpoint = f"ipc://{tempfile.gettempdir()}/kvpool-events-{self.replica_id}" if endpoint else None
+        self.app_name, self.replica_id = ctx.app_name, ctx.replica_id.unique_id
+        self.router, self.relay, self.replay_endpoint = None, None, None
+        publisher = None
+        if cfg.prefix_routing:
+            socket_base = f"ipc://{tempfile.gettempdir()}/kvpool-events-{self.replica_id}"
+            publisher, self.replay_endpoint = socket_base + ".pub", socket_base + ".replay"
         # Resolved here, on the replica's node: the embedded model is converted where it is used.
-        args = engine_args(cfg, resolve_model(cfg.model), endpoint, topic=topic_prefix + self.replica_id,
-                           replay_endpoint=self.replay_endpoint)
+        args = engine_args(cfg, resolve_model(cfg.model), publisher, replay_endpoint=self.replay_endpoint)
         self.engine = AsyncLLM.from_engine_args(args)
         self._introduction: asyncio.Task | None = None
-        if self.router is not None:
-            self.router.register.remote(*self._registration())  # at once; a replay, if wanted, at the health check
+        if publisher:
+            self.relay = EventRelay(publisher, self.replica_id)
+            self._first_introduction()
 
-    def _router_endpoint(self, app_name: str) -> tuple[str | None, str]:
-        """The router's KV-event endpoint and the topic prefix it accepts."""
+    def _first_introduction(self) -> None:
+        """Register with the router before serving, so its events count from the first request. Without a router
+        (not up yet, or unreachable) the replica serves anyway and the health checks keep trying."""
         import ray
 
         from actors.router import find_router
 
         try:
-            self.router = find_router(app_name)
-            return tuple(ray.get(self.router.endpoint.remote(), timeout=60))
+            self.router = find_router(self.app_name)
+            self._retarget(ray.get(self.router.register.remote(*self._registration()), timeout=60))
         except Exception:
-            # Serving without events is still correct; the router then sees this replica as holding nothing.
-            logger.exception("router unreachable: replica %s publishes no KV events", self.replica_id)
-            return None, ""
+            logger.exception("router unreachable from replica %s: its health checks try again", self.replica_id)
+
+    def _retarget(self, reply: dict) -> None:
+        self.relay.retarget(reply["endpoint"], reply["topic_prefix"])
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[ReplicaOutput]:
         """The engine's outputs. A request that wants only the final output still runs as deltas here, so the
@@ -209,14 +280,26 @@ class EngineReplica:
         return self.replica_id, ctx.current_actor, ctx.get_node_id(), layouts
 
     async def _introduce(self) -> None:
-        """Register with the router (a restarted one learns of this replica so), and replay the publisher's buffered
-        KV events when it asks: its view of this engine is incomplete."""
+        """Register with the router (a router made anew or restarted elsewhere learns of this replica so, and the
+        relay follows it), and replay the publisher's buffered KV events when it asks: its view of this engine is
+        incomplete."""
+        import ray
+
+        from actors.router import find_router
+
+        loop = asyncio.get_running_loop()
         try:
-            wants_replay = await asyncio.wait_for(self.router.register.remote(*self._registration(), True), 30)
-        except Exception:  # the router is restarting: the next health check tries again
+            if self.router is None:
+                self.router = await loop.run_in_executor(None, find_router, self.app_name, 0)
+            reply = await asyncio.wait_for(self.router.register.remote(*self._registration(), True), 30)
+        except ray.exceptions.ActorDiedError:  # gone for good: the ingress makes another, found next time
+            self.router = None
+            return
+        except Exception:  # restarting, not made yet, or slow: the next health check tries again
             logger.debug("router unreachable from replica %s", self.replica_id, exc_info=True)
             return
-        if wants_replay:
+        self._retarget(reply)
+        if reply["replay"]:
             messages = None
             try:
                 messages = await read_replay(self.replay_endpoint)
@@ -227,10 +310,12 @@ class EngineReplica:
     async def check_health(self) -> None:
         await self.engine.check_health()
         # In the background: a health check must not wait on the router.
-        if self.router is not None and (self._introduction is None or self._introduction.done()):
+        if self.relay is not None and (self._introduction is None or self._introduction.done()):
             self._introduction = asyncio.get_running_loop().create_task(self._introduce())
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        if getattr(self, "relay", None) is not None:
+            self.relay.close()

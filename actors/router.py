@@ -7,9 +7,11 @@ Faults it survives:
   next health check, within ~5 s; RouterCore.begin_replay);
 - a replica that dies: a watchdog pings the replicas' actors and drops a dead one within about half a second (Serve's
   own replica list, pushed by the request-router plug-in, follows a few seconds later);
-- its own death: Ray restarts it (max_restarts=-1); the engines register again at their next health check and
+- its own death: Ray restarts it (max_restarts=-1), on another node if its node died; if it is gone for good
+  (its owner, the ingress replica that made it, died), the ingress makes another. Either way the engines register
+  again at their next health check (every 5 s), their event relays follow it to its address and topic, and they
   replay the batches their publishers still buffer (vLLM keeps the last 10,000), so it relearns what they hold
-  (blocks stored before that stay unindexed); meanwhile the ingress routes on Serve's power-of-two fallback;
+  (blocks stored before that stay unindexed). Meanwhile the ingress routes on Serve's power-of-two fallback;
 - strangers and bad input on its event port: only topics carrying the app's secret are received, batches from no
   known replica are dropped, an event that cannot be applied resets that replica's view (RouterCore.ingest), and
   the receive queue and message size are bounded;
@@ -45,7 +47,8 @@ def router_name(app_name: str) -> str:
 
 def get_or_create_router(cfg: KVPoolConfig, app_name: str):
     """The application's router actor, created by the ingress. An actor dies with the worker that created it, so
-    an engine replica (which Serve replaces and faults kill) must never be the one: engines use find_router."""
+    an engine replica (which Serve replaces and faults kill) must never be the one: engines use find_router. When
+    that ingress replica dies, the router is gone for good, and the ingress replicas left call this again."""
     return ray.remote(RouterActor).options(
         name=router_name(app_name), namespace=NAMESPACE, get_if_exists=True, max_restarts=-1, max_task_retries=0,
         num_cpus=0, max_concurrency=1000,
@@ -192,16 +195,18 @@ class RouterActor:
         return self._endpoint, self._topic_prefix
 
     async def register(self, replica: str, actor: ray.actor.ActorHandle, node_id: str = "",
-                       pool_layouts: list[str] | None = None, can_replay: bool = False) -> bool:
+                       pool_layouts: list[str] | None = None, can_replay: bool = False) -> dict:
         """An engine replica announces its actor (so the watchdog notices its death), its node and its pool
-        layouts. True asks it (when it `can_replay`) for the KV event batches its publisher still buffers: this
-        router's view of it is incomplete. It then calls `replayed`."""
+        layouts, at start and at every health check. The reply says where to publish its KV events and under which
+        topic prefix (this router's, wherever it runs now), and `replay`: whether to send, when it `can_replay`,
+        the batches its publisher still buffers (this router's view of it is incomplete), by calling `replayed`."""
         self._ensure_consumer()
         self.actors[replica] = actor
         self.core.node_of[replica] = node_id
         if pool_layouts:
             self.core.pool.layouts = list(pool_layouts)
-        return can_replay and self.core.begin_replay(replica)
+        return {"endpoint": self._endpoint, "topic_prefix": self._topic_prefix,
+                "replay": can_replay and self.core.begin_replay(replica)}
 
     async def replayed(self, replica: str, messages: list[list[bytes]] | None) -> None:
         """The replay `register` asked for: the publisher's buffered messages, oldest first (None: it failed)."""

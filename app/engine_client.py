@@ -15,12 +15,11 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, AsyncIterator, Iterator
 
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from vllm.engine.protocol import EngineClient
@@ -102,23 +101,48 @@ class RoutedEngineClient(EngineClient):
         self.app_name = app_name
         self.shards: dict[str, Any] = {}  # node id -> its pool shard
         self.fetches: Counter = Counter()  # cross-node pool fetches: requests, wanted_blocks, blocks, failed
-        self._shards_checked = 0.0
+        self._router_lost = False  # a call found the router gone for good: upkeep makes another
+        self._upkeeper: asyncio.Task | None = None
         self.keep_shards()
 
-    def keep_shards(self, period_s: float = 10) -> None:
+    def keep_shards(self) -> None:
         """A pool shard on every live node (nodes join and leave with autoscaling). The ingress owns them, so they
-        end with the app; a restarted ingress makes them again (the pool itself is files and survives)."""
+        end with the app; a restarted ingress makes them again (the pool itself is files and survives). Blocking
+        (ray.nodes): off the event loop, in `_upkeep`."""
         import ray
 
-        if not self.cfg.pool_enabled or time.monotonic() - self._shards_checked < period_s:
+        if not self.cfg.pool_enabled:
             return
-        self._shards_checked = time.monotonic()
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         for node in alive - set(self.shards):
             self.shards[node] = get_or_create_shard(self.cfg, self.app_name, node)
             self.shards[node].start.remote()
         for node in set(self.shards) - alive:
             del self.shards[node]
+
+    async def _upkeep(self, period_s: float = 1.0, shards_every: int = 10) -> None:
+        """Background upkeep, off the request path: a router gone for good is made anew, and the pool shards follow
+        the cluster's nodes. Blocking Ray calls run in the executor."""
+        from actors.router import get_or_create_router
+
+        loop = asyncio.get_running_loop()
+        tick = 0
+        while True:
+            await asyncio.sleep(period_s)
+            tick += 1
+            try:
+                if self._router_lost:
+                    self.router = await loop.run_in_executor(None, get_or_create_router, self.cfg, self.app_name)
+                    self._router_lost = False
+                    logger.warning("router of app %s was gone: made anew", self.app_name)
+                if tick % shards_every == 0:
+                    await loop.run_in_executor(None, self.keep_shards)
+            except Exception:
+                logger.exception("ingress upkeep failed")
+
+    def ensure_upkeep(self) -> None:
+        if self._upkeeper is None or self._upkeeper.done():
+            self._upkeeper = asyncio.get_running_loop().create_task(self._upkeep())
 
     # --- the request path ----------------------------------------------------------------------------------------
 
@@ -161,7 +185,7 @@ class RoutedEngineClient(EngineClient):
     async def _dispatch(self, gen: GenerateRequest, dispatch: Dispatch):
         """Route, fetch pool blocks the chosen node lacks, send to the replica; returns the serving replica and its
         outputs once the first is in."""
-        self.keep_shards()
+        self.ensure_upkeep()
         decision, keys = await self._route(gen.request_id, gen.prompt_token_ids, gen.cache_salt, dispatch.tenant)
         if decision and decision.fetch:
             await self._fetch(decision.fetch, keys)
@@ -186,6 +210,7 @@ class RoutedEngineClient(EngineClient):
                                           timeout=self.cfg.route_timeout_s), keys
         except Exception as e:
             logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)
+            self._router_lost |= isinstance(e, ActorDiedError)
             # A late answer may still have counted this request against a replica's queue: take it back.
             self.router.finished.remote(rid, None)
             return None, keys

@@ -182,8 +182,8 @@ class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, cfg: KVPoolConfig):
         self.cfg = cfg
         self.app_name = serve.get_replica_context().app_name
-        self.router = get_or_create_router(cfg, self.app_name) if cfg.prefix_routing else None
-        self.serving = build_serving(cfg, engine, self.router, self.app_name)
+        router = get_or_create_router(cfg, self.app_name) if cfg.prefix_routing else None
+        self.serving = build_serving(cfg, engine, router, self.app_name)
         self.client: RoutedEngineClient = self.serving["client"]
 
     # --- endpoints -----------------------------------------------------------------------------------------------
@@ -209,10 +209,10 @@ class OpenAIIngress:
 
         if tenant is not None and not self._is_admin(request):
             # A tenant sees its own figures only: the others' traffic, and where it runs, are not its business.
-            router = await ask(self.router) if self.router else {}
+            router = await ask(self.client.router) if self.client.router else {}
             return {"tenant": router.get("tenants", {}).get(tenant) or tenant_figures(Counter())}
-        self.client.keep_shards()
-        return {"router": await ask(self.router) if self.router else None,
+        self.client.ensure_upkeep()
+        return {"router": await ask(self.client.router) if self.client.router else None,
                 "pool": {node: await ask(shard) for node, shard in self.client.shards.items()}
                 if self.cfg.pool_enabled else None,
                 "fetches": dict(self.client.fetches)}

@@ -10,6 +10,7 @@ as Serve drops it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import List, Optional
@@ -28,9 +29,17 @@ class PrefixRequestRouter(PowerOfTwoChoicesRequestRouter):
 
     def _notify_router(self) -> None:
         self._last_notify = time.monotonic()
+        replicas = [r.replica_id.unique_id for r in self._replicas.values()]
         try:
-            actor = ray.get_actor(router_name(self.app_name), namespace=NAMESPACE)
-            actor.set_replicas.remote([r.replica_id.unique_id for r in self._replicas.values()])
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._send(replicas)
+        else:  # ray.get_actor blocks on the cluster's control store: never on Serve's routing loop
+            loop.run_in_executor(None, self._send, replicas)
+
+    def _send(self, replicas: list[str]) -> None:
+        try:
+            ray.get_actor(router_name(self.app_name), namespace=NAMESPACE).set_replicas.remote(replicas)
         except Exception:  # no router yet, or restarting: it learns the list at the next update
             logger.debug("router actor of app %s not reachable", self.app_name)
 

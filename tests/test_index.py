@@ -102,6 +102,59 @@ def test_wire_round_trip_matches_vllm_encoding():
     assert again[2].events[0].token_ids == list(range(2 * BS))
 
 
+def test_the_event_relay_follows_the_router_and_the_replay_returns_every_batch(tmp_path):
+    """vLLM's own publisher, bound on ipc paths as an engine's is; the relay carries its batches to a router's
+    address under that router's topic, moves when told, and the replay socket gives back every batch."""
+    import asyncio
+
+    import zmq
+    from vllm.distributed.kv_events import BlockStored as VBlockStored, KVEventBatch, ZmqEventPublisher
+
+    from actors.engine import EventRelay, read_replay
+
+    source, replay = f"ipc://{tmp_path}/pub", f"ipc://{tmp_path}/replay"
+    publisher = ZmqEventPublisher(0, endpoint=source, replay_endpoint=replay)
+    relay = EventRelay(source, "r1")
+    ctx = zmq.Context.instance()
+    routers = []
+    for prefix in ("secret-a/", "secret-b/"):
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        routers.append((sub, f"tcp://127.0.0.1:{sub.bind_to_random_port('tcp://127.0.0.1')}", prefix))
+    published = 0
+
+    def publish_until_heard(sub) -> list[bytes]:
+        """Publish a batch at a time until `sub` hears one (a new connection drops what is sent before it is up)."""
+        nonlocal published
+        for _ in range(100):
+            publisher.publish(KVEventBatch(ts=0.0, events=[VBlockStored(
+                block_hashes=[published], parent_block_hash=None, token_ids=list(range(BS)), block_size=BS,
+                lora_id=None, medium="GPU", lora_name=None)]))
+            published += 1
+            if sub.poll(100):
+                return sub.recv_multipart()
+        raise AssertionError("the relay never delivered")
+
+    try:
+        (sub_a, address_a, prefix_a), (sub_b, address_b, prefix_b) = routers
+        relay.retarget(address_a, prefix_a)
+        topic, seq, batch = decode_message(publish_until_heard(sub_a))
+        assert topic == "secret-a/r1" and batch.events[0].block_hashes == [seq]
+        relay.retarget(address_b, prefix_b)  # the router moved, with a new secret
+        topic, moved_at, _ = decode_message(publish_until_heard(sub_b))
+        assert topic == "secret-b/r1"
+        while sub_a.poll(100):  # the old address hears nothing the relay sent after it moved
+            assert decode_message(sub_a.recv_multipart())[1] < moved_at
+        replayed = [decode_message(m) for m in asyncio.run(read_replay(replay))]
+        assert [seq for _, seq, _ in replayed] == list(range(published))
+        assert all(b.events[0].block_hashes == [seq] for _, seq, b in replayed)
+    finally:
+        relay.close()
+        publisher.shutdown()
+        for sub, _, _ in routers:
+            sub.close(linger=0)
+
+
 # --- the routing rule ------------------------------------------------------------------------------------------
 
 

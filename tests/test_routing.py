@@ -107,6 +107,41 @@ def test_a_restarted_router_falls_back_then_relearns_what_the_engines_hold(tiny_
         assert int(r.headers["x-kvpool-predicted-cached-tokens"]) == cached > 0
 
 
+def test_a_router_gone_for_good_is_made_anew_and_found_by_the_engines(tiny_app):
+    """As when the ingress replica that owns the router dies: the router is not restarted. The ingress makes another
+    (with a new topic secret, so the engines' relays must follow it) and the engines register with it."""
+    url, _ = tiny_app
+    from actors.router import NAMESPACE, router_name
+
+    live = wait_live(url, 2)
+    rng = random.Random(4)
+    msgs = [{"role": "user", "content": text(rng, 300)}]
+    chat(url, msgs)
+    old = ray.get_actor(router_name("tiny"), namespace=NAMESPACE)
+    _, old_prefix = ray.get(old.endpoint.remote())
+    ray.kill(old, no_restart=True)
+    deadline = time.time() + 90
+    while not all(((stats(url).get("replicas") or {}).get(r) or {}).get("event_replays") for r in live):
+        chat(url, msgs)  # never fails meanwhile (fallback); the first one tells the ingress the router is gone
+        assert time.time() < deadline, stats(url)
+        time.sleep(0.5)
+    _, prefix = ray.get(ray.get_actor(router_name("tiny"), namespace=NAMESPACE).endpoint.remote())
+    assert prefix != old_prefix
+    r = chat(url, msgs)
+    assert r.headers["x-kvpool-route-reason"] == "prefix", dict(r.headers)
+    assert int(r.headers["x-kvpool-predicted-cached-tokens"]) == r.json()["usage"]["prompt_tokens_details"][
+        "cached_tokens"] > 0
+    # New prompts' events reach the new router live, under its topic.
+    fresh = [{"role": "user", "content": text(rng, 300)}]
+    chat(url, fresh)
+    deadline = time.time() + 30
+    while (r := chat(url, fresh)).headers["x-kvpool-route-reason"] != "prefix":
+        assert time.time() < deadline, dict(r.headers)
+        time.sleep(0.2)
+    assert int(r.headers["x-kvpool-predicted-cached-tokens"]) == r.json()["usage"]["prompt_tokens_details"][
+        "cached_tokens"] > 0
+
+
 def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
     url, _ = tiny_app
     wait_live(url, 2)
