@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 from collections import Counter
@@ -43,6 +44,40 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.err_type, self.param = status, message, err_type, param
         self.headers = headers or {}
+
+
+def _api_key(request: Request) -> str:
+    key = request.headers.get("x-api-key")  # Anthropic clients send their key here
+    if key is None:
+        scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
+        key = key if scheme.lower() == "bearer" else ""
+    return key
+
+
+def tenant_of(cfg: KVPoolConfig, request: Request) -> str | None:
+    """The caller's tenant salt (None when the app has no API keys). The salt scopes KV reuse: vLLM mixes it into
+    the first block's hash, and the router and pool start their chains from it, so one tenant's prompts are never a
+    cache hit for another, and so cannot be probed through response times. Without keys only clients on the
+    serving machine are answered, unless `allow_unauthenticated_network`: a cluster config that binds 0.0.0.0 is
+    not open to its network by mistake."""
+    if not cfg.api_keys and not cfg.admin_api_keys:
+        if cfg.allow_unauthenticated_network or request.client is None or _is_loopback(request.client.host):
+            return None
+        raise APIError(401, "this server has no API keys, so it answers clients on its own machine only: set "
+                       "`api_keys` (or `allow_unauthenticated_network: true`, on a trusted network only)",
+                       "AuthenticationError")
+    key = _api_key(request)
+    if any(hmac.compare_digest(key.encode(), k.encode()) for k in cfg.api_keys + cfg.admin_api_keys):
+        return hashlib.sha256(b"kvpool-tenant:" + key.encode()).hexdigest()[:32]
+    raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+                   "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _openai_body(e: APIError) -> dict[str, Any]:
@@ -276,29 +311,12 @@ class OpenAIIngress:
 
     # --- the request path ----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _key(request: Request) -> str:
-        key = request.headers.get("x-api-key")  # Anthropic clients send their key here
-        if key is None:
-            scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
-            key = key if scheme.lower() == "bearer" else ""
-        return key
-
     def _is_admin(self, request: Request) -> bool:
-        key = self._key(request).encode()
+        key = _api_key(request).encode()
         return any(hmac.compare_digest(key, k.encode()) for k in self.cfg.admin_api_keys)
 
     def _tenant(self, request: Request) -> str | None:
-        """The caller's tenant salt (None when the app has no API keys). The salt scopes KV reuse: vLLM mixes it
-        into the first block's hash, and the router and pool start their chains from it, so one tenant's prompts
-        are never a cache hit for another, and so cannot be probed through response times."""
-        if not self.cfg.api_keys and not self.cfg.admin_api_keys:
-            return None
-        key = self._key(request)
-        if any(hmac.compare_digest(key.encode(), k.encode()) for k in self.cfg.api_keys + self.cfg.admin_api_keys):
-            return hashlib.sha256(b"kvpool-tenant:" + key.encode()).hexdigest()[:32]
-        raise APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
-                       "AuthenticationError", headers={"WWW-Authenticate": "Bearer"})
+        return tenant_of(self.cfg, request)
 
     async def _respond(self, call, tenant: str | None, stream: bool,
                        dump: Callable[[Any], Any] = lambda r: r.model_dump(), retain: bool = False) -> Response:

@@ -108,6 +108,10 @@ class KVPoolConfig(BaseModel):
         "/v1/kvpool/stats (every tenant, replica and node); with `api_keys` set, other keys see their own "
         "tenant's figures only.",
     )
+    allow_unauthenticated_network: bool = Field(
+        False, description="Without API keys, only clients on the serving machine (loopback) are answered; true "
+        "answers any client unauthenticated (a trusted network only). With keys, any client that has one.",
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="Requests waiting for a free engine slot, over all replicas; past it the API answers "
         "429 with Retry-After.",

@@ -114,3 +114,28 @@ def test_stats_show_a_tenant_its_own_figures_and_an_admin_everything(guarded_app
     admin = stats("admin")
     assert admin["router"]["replicas"] and admin["pool"]
     assert a["tenant"] in admin["router"]["tenants"].values()
+
+
+def test_without_api_keys_only_clients_on_the_serving_machine_are_answered():
+    """The shipped serve_config.yaml binds 0.0.0.0: without keys, a client from the network is refused (401, in
+    the API's style), one on the machine is served, and a deployment on a trusted network can opt in."""
+    from starlette.requests import Request
+
+    from app.ingress import APIError, tenant_of
+    from kvpool.config import KVPoolConfig
+
+    def request(host: str, key: str | None = None) -> Request:
+        headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+        return Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": headers,
+                        "client": (host, 40000)})
+
+    open_cfg = KVPoolConfig()
+    assert tenant_of(open_cfg, request("127.0.0.1")) is None and tenant_of(open_cfg, request("::1")) is None
+    with pytest.raises(APIError) as refused:
+        tenant_of(open_cfg, request("10.0.0.7"))
+    assert refused.value.status == 401 and "api_keys" in refused.value.message
+    assert tenant_of(open_cfg.model_copy(update={"allow_unauthenticated_network": True}), request("10.0.0.7")) is None
+    keyed = open_cfg.model_copy(update={"api_keys": [KEYS["a"]]})
+    assert tenant_of(keyed, request("10.0.0.7", KEYS["a"])) is not None  # with keys, any client that has one
+    with pytest.raises(APIError):
+        tenant_of(keyed, request("127.0.0.1"))
