@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 FORMATS = ("claude-code", "aiperf", "mooncake", "swe-agent", "kv-cache-tester")
@@ -220,29 +221,48 @@ def read_mooncake(path: Path, clients: int) -> list[Session]:
     return [s for s in sessions if s.turns]
 
 
-def read_kv_cache_tester(path: Path, sessions_wanted: int) -> list[Session]:
-    """kv-cache-tester conversations in name order, until `sessions_wanted` sessions are read (whole conversations:
-    a subagent is a session of its own, listed after its parent). Hash ids are local to their conversation."""
-    files = sorted(path.glob("trace_*.json.gz")) if path.is_dir() else [path]
-    sessions: list[Session] = []
+@dataclass
+class KVCacheTesterSession:
+    """One kv-cache-tester conversation, or one of its subagents (a session of its own)."""
+    name: str
+    trace_no: int  # the trace file's place in name order: its hash ids are local to it
+    trace_id: str
+    block_size: int  # tokens per hash id
+    requests: list[dict]  # the session's own requests that carry hash ids (its subagents' are theirs)
 
-    def add(name: str, trace_id: str, block: int, requests: list[dict]) -> None:
-        session = Session(name)
+
+def kv_cache_tester_sessions(path: Path, sessions_wanted: int) -> list[KVCacheTesterSession]:
+    """kv-cache-tester conversations in name order, until `sessions_wanted` sessions are read (whole conversations:
+    a subagent is a session of its own, listed after its parent). The one walk of the format: the replays
+    (read_kv_cache_tester) and the simulator (kvpool.sim.workload) build their sessions from it."""
+    files = sorted(path.glob("trace_*.json.gz")) if path.is_dir() else [path]
+    sessions: list[KVCacheTesterSession] = []
+
+    def add(name: str, trace_no: int, trace: dict, requests: list[dict]) -> None:
+        session = KVCacheTesterSession(name, trace_no, trace["id"], trace["block_size"], [])
         sessions.append(session)
         for r in requests:
             if r.get("type") == "subagent":
-                add(f"{name}/{r.get('agent_id', len(sessions))}", trace_id, block, r["requests"])
+                add(f"{name}/{r.get('agent_id', len(sessions))}", trace_no, trace, r["requests"])
             elif r.get("hash_ids"):
-                blocks = _hash_blocks([(trace_id, h) for h in r["hash_ids"]], r["in"], block)
-                session.turns.append(Turn([], max(1, r["out"]), r.get("think_time") or 0.0, blocks))
+                session.requests.append(r)
 
-    for f in files:
+    for no, f in enumerate(files):
         if len(sessions) >= sessions_wanted:
             break
         with gzip.open(f) as fh:
-            trace = json.load(fh)
-        add(f.name.removesuffix(".json.gz"), trace["id"], trace["block_size"], trace["requests"])
-    return [s for s in sessions if s.turns]
+            trace = msgspec.json.decode(fh.read())
+        add(f.name.removesuffix(".json.gz"), no, trace, trace["requests"])
+    return [s for s in sessions if s.requests]
+
+
+def read_kv_cache_tester(path: Path, sessions_wanted: int) -> list[Session]:
+    """kv-cache-tester sessions (kv_cache_tester_sessions) as token-id trace sessions: hash ids are local to their
+    conversation, so a block's content key is (trace id, hash id)."""
+    return [Session(s.name, [Turn([], max(1, r["out"]), r.get("think_time") or 0.0,
+                                  _hash_blocks([(s.trace_id, h) for h in r["hash_ids"]], r["in"], s.block_size))
+                             for r in s.requests])
+            for s in kv_cache_tester_sessions(path, sessions_wanted)]
 
 
 def fit_context(session: Session, max_chars: int) -> Session:

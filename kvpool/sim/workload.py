@@ -4,14 +4,12 @@ turn), so all 530 kv-cache-tester conversations load in seconds and a few hundre
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgspec
 import numpy as np
 
-from kvpool.traces import _key_seed, detect_format, read_sessions
+from kvpool.traces import _key_seed, detect_format, kv_cache_tester_sessions, read_sessions
 
 
 @dataclass
@@ -65,33 +63,21 @@ def _as_replayed(path: Path, trace_format: str, n: int, block_size: int, max_con
 
 
 def _kv_cache_tester(path: Path, sessions_wanted: int, block_size: int) -> list[SimSession]:
-    """Conversations in name order (a subagent is a session of its own, after its parent). A key is the trace's
-    number in the high bits and its hash id in the low ones: hash ids are local to their trace."""
-    files = sorted(path.glob("trace_*.json.gz")) if path.is_dir() else [path]
-    sessions: list[SimSession] = []
-
-    def add(name: str, trace_no: int, trace_block: int, requests: list[dict]) -> None:
-        if trace_block != block_size:
-            raise ValueError(f"{name}: the trace's blocks are {trace_block} tokens; simulate with "
-                             f"--block-size {trace_block}")
-        session = SimSession(name)
-        sessions.append(session)
-        for r in requests:
-            if r.get("type") == "subagent":
-                add(f"{name}/{r.get('agent_id', len(sessions))}", trace_no, trace_block, r["requests"])
-            elif r.get("hash_ids"):
-                prompt = r["in"]
-                full = min(len(r["hash_ids"]), prompt // block_size)
-                keys = (np.int64(trace_no) << np.int64(32)) | np.asarray(r["hash_ids"][:full], dtype=np.int64)
-                session.turns.append(SimTurn(keys, prompt, max(1, r["out"]), r.get("think_time") or 0.0))
-
-    for no, f in enumerate(files):
-        if len(sessions) >= sessions_wanted:
-            break
-        with gzip.open(f) as fh:
-            trace = msgspec.json.decode(fh.read())
-        add(f.name.removesuffix(".json.gz"), no, trace["block_size"], trace["requests"])
-    return [s for s in sessions if s.turns]
+    """kv-cache-tester sessions (kvpool.traces.kv_cache_tester_sessions). A key is the trace's number in the high
+    bits and its hash id in the low ones: hash ids are local to their trace."""
+    out = []
+    for s in kv_cache_tester_sessions(path, sessions_wanted):
+        if s.block_size != block_size:
+            raise ValueError(f"{s.name}: the trace's blocks are {s.block_size} tokens; simulate with "
+                             f"--block-size {s.block_size}")
+        session = SimSession(s.name)
+        for r in s.requests:
+            prompt = r["in"]
+            full = min(len(r["hash_ids"]), prompt // block_size)
+            keys = (np.int64(s.trace_no) << np.int64(32)) | np.asarray(r["hash_ids"][:full], dtype=np.int64)
+            session.turns.append(SimTurn(keys, prompt, max(1, r["out"]), r.get("think_time") or 0.0))
+        out.append(session)
+    return out
 
 
 def _from_pieces(session, block_size: int) -> SimSession:
