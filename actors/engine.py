@@ -8,6 +8,7 @@ prefix cache.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import tempfile
@@ -137,7 +138,10 @@ class EventRelay:
     """Carries an engine's KV events from its vLLM publisher (bound on a node-local ipc path) to wherever the
     router is, under the topic the router accepts. The engine's publisher is fixed when the engine starts; the
     router is not (Ray may restart it on another node, or the ingress make it anew with a new secret), so
-    `retarget` re-points the relay and the engine keeps running. Its own thread: ZMQ sockets never cross threads."""
+    `retarget` re-points the relay and the engine keeps running. Its own thread: its sockets never cross threads;
+    the control socket is the caller's (the replica's constructor, then its event loop)."""
+
+    _made = itertools.count()
 
     def __init__(self, source: str, replica: str):
         import threading
@@ -147,22 +151,34 @@ class EventRelay:
         self.replica = replica
         self.target: tuple[str, str] | None = None
         self._ctx = zmq.Context.instance()
-        self._control_address = f"inproc://kvpool-relay-{replica}"
-        self._control = self._ctx.socket(zmq.PAIR)  # used from the replica's event loop only
+        self._control_address = f"inproc://kvpool-relay-{replica}-{next(self._made)}"
+        self._control = self._ctx.socket(zmq.PAIR)
         self._control.bind(self._control_address)
         self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="kvpool-event-relay")
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def retarget(self, endpoint: str, topic_prefix: str) -> None:
         """Send from now on to `endpoint`, under topic `topic_prefix` + this replica."""
         if self.target != (endpoint, topic_prefix):
             self.target = (endpoint, topic_prefix)
-            self._control.send_multipart([endpoint.encode(), (topic_prefix + self.replica).encode()])
+            self._tell([endpoint.encode(), (topic_prefix + self.replica).encode()])
 
     def close(self) -> None:
-        self._control.send_multipart([b""])
+        self._tell([b""])
         self._thread.join(timeout=2)
         self._control.close(linger=0)
+
+    def _tell(self, frames: list[bytes]) -> None:
+        import zmq
+
+        try:  # never blocks: a relay thread that died has no peer on the control socket
+            self._control.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("the KV event relay of replica %s is not running", self.replica)
 
     def _run(self, source: str) -> None:
         import zmq
@@ -191,9 +207,12 @@ class EventRelay:
                     pub.setsockopt(zmq.SNDHWM, 100_000)
                     pub.connect(endpoint.decode())
                 if sub in ready:
-                    _, seq, payload = sub.recv_multipart()
-                    if pub is not None:  # no router yet: the engine's replay buffer keeps the batch for it
-                        pub.send_multipart([topic, seq, payload])
+                    frames = sub.recv_multipart()
+                    # No router yet: the batch is dropped here but kept in the engine's replay buffer for it.
+                    if pub is not None and len(frames) == 3:
+                        pub.send_multipart([topic, frames[1], frames[2]])
+        except Exception:  # the replica's health check sees the relay stopped and starts another
+            logger.exception("the KV event relay of replica %s stopped", self.replica)
         finally:
             sub.close(linger=0)
             control.close(linger=0)
@@ -206,19 +225,21 @@ class EngineReplica:
         from ray import serve
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.cfg = cfg
         ctx = serve.get_replica_context()
         self.app_name, self.replica_id = ctx.app_name, ctx.replica_id.unique_id
+        self.cfg = cfg
+        # Resolved here, on the replica's node: the embedded model is converted where it is used.
+        model_path = resolve_model(cfg.model)
         self.router, self.relay, self.replay_endpoint = None, None, None
         publisher = None
         if cfg.prefix_routing:
             socket_base = f"ipc://{tempfile.gettempdir()}/kvpool-events-{self.replica_id}"
             publisher, self.replay_endpoint = socket_base + ".pub", socket_base + ".replay"
-        # Resolved here, on the replica's node: the embedded model is converted where it is used.
-        args = engine_args(cfg, resolve_model(cfg.model), publisher, replay_endpoint=self.replay_endpoint)
+        args = engine_args(cfg, model_path, publisher, replay_endpoint=self.replay_endpoint)
         self.engine = AsyncLLM.from_engine_args(args)
         self._introduction: asyncio.Task | None = None
         if publisher:
+            self.publisher = publisher
             self.relay = EventRelay(publisher, self.replica_id)
             self._first_introduction()
 
@@ -298,6 +319,9 @@ class EngineReplica:
         except Exception:  # restarting, not made yet, or slow: the next health check tries again
             logger.debug("router unreachable from replica %s", self.replica_id, exc_info=True)
             return
+        if not self.relay.alive:  # its batches since it stopped are lost: the router sees a gap and asks for a replay
+            self.relay.close()
+            self.relay = EventRelay(self.publisher, self.replica_id)
         self._retarget(reply)
         if reply["replay"]:
             messages = None

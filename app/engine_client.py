@@ -114,11 +114,11 @@ class RoutedEngineClient(EngineClient):
         if not self.cfg.pool_enabled:
             return
         alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        for node in alive - set(self.shards):
-            self.shards[node] = get_or_create_shard(self.cfg, self.app_name, node)
-            self.shards[node].start.remote()
-        for node in set(self.shards) - alive:
-            del self.shards[node]
+        shards = {node: shard for node, shard in self.shards.items() if node in alive}
+        for node in alive - set(shards):
+            shards[node] = get_or_create_shard(self.cfg, self.app_name, node)
+            shards[node].start.remote()
+        self.shards = shards  # swapped whole: the event loop may be iterating the old one
 
     async def _upkeep(self, period_s: float = 1.0, shards_every: int = 10) -> None:
         """Background upkeep, off the request path: a router gone for good is made anew, and the pool shards follow

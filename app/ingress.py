@@ -61,7 +61,7 @@ def tenant_of(cfg: KVPoolConfig, request: Request) -> str | None:
     serving machine are answered, unless `allow_unauthenticated_network`: a cluster config that binds 0.0.0.0 is
     not open to its network by mistake."""
     if not cfg.api_keys and not cfg.admin_api_keys:
-        if cfg.allow_unauthenticated_network or request.client is None or _is_loopback(request.client.host):
+        if cfg.allow_unauthenticated_network or (request.client and _is_loopback(request.client.host)):
             return None
         raise APIError(401, "this server has no API keys, so it answers clients on its own machine only: set "
                        "`api_keys` (or `allow_unauthenticated_network: true`, on a trusted network only)",
@@ -74,10 +74,13 @@ def tenant_of(cfg: KVPoolConfig, request: Request) -> str | None:
 
 
 def _is_loopback(host: str) -> bool:
+    """Whether the client, as Serve's proxy saw it, is on this machine. (Uvicorn takes X-Forwarded-For from loopback
+    peers only: a reverse proxy on the serving machine must send it, or the app needs keys.)"""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return host == "localhost"
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
 
 
 def _openai_body(e: APIError) -> dict[str, Any]:
@@ -215,8 +218,8 @@ def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name:
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, cfg: KVPoolConfig):
-        self.cfg = cfg
         self.app_name = serve.get_replica_context().app_name
+        self.cfg = cfg
         router = get_or_create_router(cfg, self.app_name) if cfg.prefix_routing else None
         self.serving = build_serving(cfg, engine, router, self.app_name)
         self.client: RoutedEngineClient = self.serving["client"]
@@ -248,7 +251,7 @@ class OpenAIIngress:
             return {"tenant": router.get("tenants", {}).get(tenant) or tenant_figures(Counter())}
         self.client.ensure_upkeep()
         return {"router": await ask(self.client.router) if self.client.router else None,
-                "pool": {node: await ask(shard) for node, shard in self.client.shards.items()}
+                "pool": {node: await ask(shard) for node, shard in list(self.client.shards.items())}
                 if self.cfg.pool_enabled else None,
                 "fetches": dict(self.client.fetches)}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 import ray
@@ -26,6 +27,7 @@ logger = logging.getLogger("ray.serve")
 
 class PrefixRequestRouter(PowerOfTwoChoicesRequestRouter):
     _last_notify = 0.0
+    _sender: ThreadPoolExecutor | None = None
 
     def _notify_router(self) -> None:
         self._last_notify = time.monotonic()
@@ -34,8 +36,11 @@ class PrefixRequestRouter(PowerOfTwoChoicesRequestRouter):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._send(replicas)
-        else:  # ray.get_actor blocks on the cluster's control store: never on Serve's routing loop
-            loop.run_in_executor(None, self._send, replicas)
+        else:  # ray.get_actor blocks on the cluster's control store: never on Serve's routing loop. One thread,
+            # so the lists arrive in the order Serve made them (an older one last would drop a new replica).
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-replica-list")
+            loop.run_in_executor(self._sender, self._send, replicas)
 
     def _send(self, replicas: list[str]) -> None:
         try:

@@ -318,10 +318,12 @@ class RouterCore:
     # them when the router asks (actors/engine.py), and the view is rebuilt from them.
 
     def begin_replay(self, replica: str, now: float | None = None) -> bool:
-        """Whether `replica`'s view is incomplete and no replay is on its way; if so, one is now awaited and its
-        live batches wait for it (see end_replay)."""
+        """Whether `replica`'s view is incomplete and no replay is on its way; if so, one is now awaited: the view
+        is emptied (the removals among the live batches that wait for the replay must not be missed meanwhile) and
+        those batches wait for it (see end_replay)."""
         if replica in self.complete or replica in self.replaying:
             return False
+        self.index.clear(replica)
         self.replaying[replica] = (time.monotonic() if now is None else now, [])
         return True
 

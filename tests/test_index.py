@@ -321,16 +321,22 @@ def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
     hashes = block_hashes(tokens, BS)
     head, middle, tail = stored(tokens, 0, 2), stored(tokens, 2, 2, parent=hash((0, 1))), \
         stored(tokens, 4, 1, parent=hash((0, 3)))
-    # The router (re)started after batch 3 went out: batch 4 continues a chain it never saw, so nothing is named.
-    assert core.ingest("a", 4, [middle]) is None and core.index.match(hashes, ["a"]) == {"a": 0}
+    # The router (re)started after batch 3 went out: batch 4 continues a chain it never saw, so nothing is named;
+    # it also starts a chain of its own, which is.
+    own = list(range(7000, 7000 + BS))
+    assert core.ingest("a", 4, [stored(own, 0, 1, tag=7), middle]) is None
+    assert core.index.match(hashes, ["a"]) == {"a": 0} and core.index.match(block_hashes(own, BS), ["a"]) == {"a": 1}
+    # Awaiting a replay empties the view: the batches that wait for it may remove blocks.
     assert core.begin_replay("a", now=0) and not core.begin_replay("a", now=0)  # one at a time
+    assert core.index.match(block_hashes(own, BS), ["a"]) == {"a": 0}
     # A batch that arrives while the replay is on its way waits for it.
     assert core.ingest("a", 5, [tail]) == "deferred" and core.index.match(hashes, ["a"]) == {"a": 0}
     # Batch 1 of the replay was lost: batch 0 (another prompt) may have been removed in it, so only the run
     # 2..4 rebuilds the view; then batch 5 applies, once (the replay already held batch 4).
     other = list(range(9000, 9000 + BS))
-    core.end_replay("a", [(0, [stored(other, 0, 1, tag=9)]), (2, [head]), (3, []), (4, [middle])])
-    assert core.index.match(hashes, ["a"]) == {"a": 5}
+    core.end_replay("a", [(0, [stored(other, 0, 1, tag=9)]), (2, [head]), (3, []), (4, [stored(own, 0, 1, tag=7),
+                                                                                        middle])])
+    assert core.index.match(hashes, ["a"]) == {"a": 5} and core.index.match(block_hashes(own, BS), ["a"]) == {"a": 1}
     assert core.index.match(block_hashes(other, BS), ["a"]) == {"a": 0}
     assert core.event_counts["a"]["replays"] == 1 and not core.begin_replay("a", now=1)  # the view is whole
     # A later gap makes it partial again; a replay that fails lets the waiting batches apply as they are.
@@ -338,8 +344,9 @@ def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
     assert core.ingest("a", 8, [head]) == "deferred"
     core.end_replay("a", None)
     assert core.index.match(hashes, ["a"]) == {"a": 2} and core.begin_replay("a", now=3)
+    assert core.index.match(hashes, ["a"]) == {"a": 0}
     # A replay that never comes (its engine died) is given up, and its waiting batches apply.
-    assert core.ingest("a", 9, [middle]) == "deferred"
+    assert core.ingest("a", 9, [head]) == "deferred" and core.ingest("a", 10, [middle]) == "deferred"
     assert core.expire_replays(60, now=30) == [] and core.expire_replays(60, now=64) == ["a"]
     assert core.index.match(hashes, ["a"]) == {"a": 4}
     # A replica whose first batch the router hears is the engine's first needs no replay.
