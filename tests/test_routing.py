@@ -75,9 +75,11 @@ def test_evictions_leave_the_index(tiny_app):
         chat(url, [{"role": "user", "content": text(rng, 1500)}], max_tokens=1)
     # The engines' last removals reach the router just after their replies: wait for the index to shrink back.
     deadline = time.time() + 10
-    while not all(0 < s["indexed_blocks"] <= capacity_blocks for s in (st := stats(url))["replicas"].values()
-                  if s["live"]):
-        assert time.time() < deadline, st["replicas"]
+    while True:
+        live = [s for s in stats(url)["replicas"].values() if s["live"]]
+        if all(0 < s["indexed_blocks"] <= capacity_blocks for s in live):
+            break
+        assert time.time() < deadline, live
         time.sleep(0.1)
     # The router's picture still equals the engine's: what it predicts for the evicted prompt is what is there.
     r = chat(url, first, max_tokens=1)
