@@ -90,6 +90,19 @@ def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | No
     return AsyncEngineArgs(**kwargs)
 
 
+def fit_to_model(cfg: KVPoolConfig, model_config) -> tuple[KVPoolConfig, str | None]:
+    """`cfg` as the model (vLLM's ModelConfig) allows: without the pool where the pool cannot serve it, and why
+    (kvpool.connector.unpoolable_reason). The ingress and every engine decide alike, from the same model."""
+    from kvpool.connector import unpoolable_reason
+
+    reason = unpoolable_reason(model_config) if cfg.pool_enabled else None
+    if reason is None:
+        return cfg, None
+    logger.warning("serving %s without the KV pool: %s (vLLM's prefix caching and the prefix routing still apply)",
+                   cfg.model, reason)
+    return cfg.model_copy(update={"pool_enabled": False}), reason
+
+
 def _engine_kwargs(given: dict[str, Any]) -> dict[str, Any]:
     """`engine_kwargs` as AsyncEngineArgs takes them: a dict given for one of its config objects (as in a YAML file,
     `structured_outputs_config: {disable_any_whitespace: true}`) becomes that config."""
@@ -227,9 +240,9 @@ class EngineReplica:
 
         ctx = serve.get_replica_context()
         self.app_name, self.replica_id = ctx.app_name, ctx.replica_id.unique_id
-        self.cfg = cfg
         # Resolved here, on the replica's node: the embedded model is converted where it is used.
         model_path = resolve_model(cfg.model)
+        self.cfg = cfg = fit_to_model(cfg, engine_args(cfg, model_path).create_model_config())[0]
         self.router, self.relay, self.replay_endpoint = None, None, None
         publisher = None
         if cfg.prefix_routing:

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.engine import engine_args
+from actors.engine import engine_args, fit_to_model
 from actors.router import get_or_create_router, tenant_figures
 from app.engine_client import RoutedEngineClient, ServingError, dispatching
 from kvpool.config import KVPoolConfig
@@ -182,6 +182,7 @@ def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name:
     model_path = resolve_model(cfg.model)
     args = engine_args(cfg, model_path)
     model_config = args.create_model_config()
+    cfg, pool_off = fit_to_model(cfg, model_config)
     model_config.quantization = None  # the front end runs no kernels
     envs.VLLM_CPU_KVCACHE_SPACE = 0  # and allocates no KV cache
     vllm_config = VllmConfig(model_config=model_config, structured_outputs_config=args.create_structured_outputs_config())
@@ -203,6 +204,8 @@ def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name:
     for serving in (chat, messages):  # a chat request without max_tokens: the configured cap, not the context
         serving.default_sampling_params.setdefault("max_tokens", cfg.max_tokens_default)
     return {
+        "cfg": cfg,
+        "pool_off": pool_off,  # why the pool cannot serve this model (None: it can, or it is off by config)
         "client": client,
         "models": models,
         "chat": chat,
@@ -219,9 +222,9 @@ def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name:
 class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, cfg: KVPoolConfig):
         self.app_name = serve.get_replica_context().app_name
-        self.cfg = cfg
         router = get_or_create_router(cfg, self.app_name) if cfg.prefix_routing else None
         self.serving = build_serving(cfg, engine, router, self.app_name)
+        self.cfg = self.serving["cfg"]
         self.client: RoutedEngineClient = self.serving["client"]
 
     # --- endpoints -----------------------------------------------------------------------------------------------
@@ -253,6 +256,7 @@ class OpenAIIngress:
         return {"router": await ask(self.client.router) if self.client.router else None,
                 "pool": {node: await ask(shard) for node, shard in list(self.client.shards.items())}
                 if self.cfg.pool_enabled else None,
+                "pool_off": self.serving["pool_off"],  # why the pool cannot serve this model, if so
                 "fetches": dict(self.client.fetches)}
 
     @api.get("/v1/models")

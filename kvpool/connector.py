@@ -65,6 +65,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+_FULL_ATTENTION_LAYERS = {"attention", "full_attention"}
+
+
+def unpoolable_reason(model_config) -> str | None:
+    """Why the pool cannot serve this model (vLLM's ModelConfig), or None. The connector moves the blocks of one
+    group of full-attention layers (dense and MoE models). Sliding-window, chunked-local, linear-attention and
+    state-space layers live in vLLM's hybrid KV cache manager, which vLLM turns off for a connector without hybrid
+    support (and vLLM cannot recover a failed block load with several KV cache groups): with the pool, hybrid models
+    would fail to start and sliding-window ones run with full-attention memory. Such a model is served without the
+    pool: vLLM's own prefix caching and the router's prefix routing still apply."""
+    if model_config.is_attention_free or model_config.is_hybrid:
+        return "it has state-space or linear-attention layers"
+    if model_config.is_encoder_decoder:
+        return "it is an encoder-decoder model (cross-attention)"
+    layer_types = getattr(model_config.hf_text_config, "layer_types", None)
+    if layer_types is not None:
+        other = sorted(set(layer_types) - _FULL_ATTENTION_LAYERS)
+        if other:
+            return f"it has {', '.join(other)} layers"
+    elif model_config.get_sliding_window() is not None:
+        return "it has sliding-window attention layers"
+    if getattr(model_config, "attention_chunk_size", None):
+        return "it has chunked local attention layers"
+    return None
+
+
 def kv_transfer_config(host_dir: str, disk_dir: str) -> dict[str, Any]:
     """The engine argument that plugs this connector into vLLM."""
     return {
@@ -209,6 +235,10 @@ class KVPoolConnector(KVConnectorBase_V1):
             # With async scheduling a step is planned before the previous one reports a failed load, and could save
             # KV computed on top of it: the engine must run with async_scheduling=False (engine_args does).
             raise ValueError("the KV pool needs async_scheduling=False")
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            # It moves the blocks of one group (unpoolable_reason keeps the models with several out of its way).
+            raise ValueError(f"the KV pool serves models with one KV cache group, not "
+                             f"{len(kv_cache_config.kv_cache_groups)}: set pool_enabled=false")
         self.world_size = p.tensor_parallel_size
         self.num_blocks = kv_cache_config.num_blocks
         if role == KVConnectorRole.SCHEDULER:

@@ -61,8 +61,10 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(400)]
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
-    """`seed` draws the weights: another seed is another model of the same shape."""
+def build_tiny_model(path: Path, seed: int = 0, sliding_window: int | None = None) -> Path:
+    """`seed` draws the weights: another seed is another model of the same shape. `sliding_window`: the first
+    layer attends to that many tokens only (vLLM's Llama reads `layer_types`), as Gemma's and gpt-oss's
+    interleaved sliding-window layers do."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -94,6 +96,8 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
+        **({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": sliding_window}
+           if sliding_window else {}),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
