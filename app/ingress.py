@@ -237,7 +237,8 @@ class OpenAIIngress:
     async def kvpool_stats(self, request: Request) -> dict[str, Any]:
         """For people: the router's view (per replica hit rate, prediction accuracy, queues, decisions by reason)
         and the pool's, per node (bytes and blocks per tier, live-session blocks, demotions, evictions, pulls), and
-        this ingress's cross-node fetches (requests, blocks wanted, blocks that arrived, failures)."""
+        this ingress's cross-node fetches (requests, blocks wanted, blocks that arrived, failures) and what routing
+        added to its requests (routing_ms)."""
         import asyncio
 
         tenant = self._tenant(request)
@@ -257,7 +258,7 @@ class OpenAIIngress:
                 "pool": {node: await ask(shard) for node, shard in list(self.client.shards.items())}
                 if self.cfg.pool_enabled else None,
                 "pool_off": self.serving["pool_off"],  # why the pool cannot serve this model, if so
-                "fetches": dict(self.client.fetches)}
+                "fetches": dict(self.client.fetches), "routing_ms": self.client.routing_ms()}
 
     @api.get("/v1/models")
     async def models(self, request: Request):

@@ -62,6 +62,10 @@ def test_multi_turn_sessions_hit_cache_every_turn_and_spread(tiny_app):
     st = stats(url)
     assert st["decisions"].get("prefix", 0) >= turns
     assert all(s["prediction_exact_rate"] is not None for s in st["replicas"].values() if s["live"])
+    # The ingress says what routing added to these requests: hashing and the router's answer.
+    routing = httpx.get(f"{url}/v1/kvpool/stats", timeout=10).json()["routing_ms"]
+    assert routing["requests"] >= 4 * len(sessions)
+    assert all(0 < routing[stage]["p50"] <= routing[stage]["p99"] for stage in ("hashing", "router_call"))
 
 
 def test_evictions_leave_the_index(tiny_app):

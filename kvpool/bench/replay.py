@@ -169,6 +169,13 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, rec
         rec.error = f"{type(e).__name__}: {e}"
 
 
+def routing_ms(url: str) -> dict | None:
+    """What a KV-Pool app's routing added to its last requests (prompt hashing, the router's answer; see
+    /v1/kvpool/stats); None from any other server."""
+    r = httpx.get(f"{url}/v1/kvpool/stats", timeout=30)
+    return r.json().get("routing_ms") if r.status_code == 200 else None
+
+
 async def replay(url: str, sessions: list[Session], duration_s: float, max_turns: int, think_scale: float,
                  max_output: int, bound: Bound, progress: bool = True, concurrency: int = 0,
                  verify: bool = False) -> tuple[list[Record], float]:
@@ -265,6 +272,8 @@ def run(args) -> dict:
     result = {"bench": "replay", "url": args.url, "sessions": args.sessions, "trace": str(args.trace),
               "trace_format": args.trace_format or detect_format(Path(args.trace)), "max_context": args.max_context,
               **summarize(records, wall)}
+    if routing := routing_ms(url):
+        result["routing_ms"] = routing
     if args.verify:
         from kvpool.bench.verify import verify_runs
 
