@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -40,16 +39,6 @@ class ReplicaOutput:
     output: Any  # vllm.outputs.RequestOutput; None on the first message of a final-only request
     # On the first output: the replica that serves the request (Serve may have sent it elsewhere than routed).
     replica: str | None = None
-
-
-def engine_env(cfg: KVPoolConfig) -> dict[str, str]:
-    """Environment for an engine replica's process (and so for the engine processes it spawns)."""
-    env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if cfg.resolved_device() == "cpu":
-        # Several engines share the node's cores: no pinning, and an even share of threads each.
-        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.num_replicas))
-    return env
 
 
 def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | None = None,

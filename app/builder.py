@@ -10,7 +10,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
-from actors.engine import EngineReplica, engine_env
+from actors.engine import EngineReplica
 from app.ingress import OpenAIIngress
 from app.request_router import PrefixRequestRouter
 from kvpool.config import KVPoolConfig
@@ -29,7 +29,7 @@ def engine_deployment_options(cfg: KVPoolConfig) -> dict[str, Any]:
     )
     if cfg.prefix_routing:
         opts["request_router_config"] = RequestRouterConfig(request_router_class=PrefixRequestRouter)
-    actor: dict[str, Any] = {"num_cpus": cfg.replica_num_cpus, "runtime_env": {"env_vars": engine_env(cfg)}}
+    actor: dict[str, Any] = {"num_cpus": cfg.replica_num_cpus, "runtime_env": {"env_vars": cfg.engine_env()}}
     world = cfg.tensor_parallel_size * cfg.pipeline_parallel_size
     if cfg.uses_placement_group():
         # One bundle for the replica, one GPU bundle per engine worker, all on one node.
@@ -50,7 +50,7 @@ def build_app(args: KVPoolConfig) -> Application:
     # their queue; past it Serve's proxy answers 429 with Retry-After.
     return OpenAIIngress.options(
         # It renders and tokenizes with vLLM's code, so it gets the engines' environment (offline hub, threads).
-        ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": engine_env(cfg)}},
+        ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": cfg.engine_env()}},
         max_ongoing_requests=cfg.num_replicas * cfg.max_ongoing_requests + cfg.max_queued_requests,
         max_queued_requests=cfg.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.retry_after_s),

@@ -148,6 +148,15 @@ class KVPoolConfig(BaseModel):
         """A replica whose engine spans several GPUs reserves them together, on one node."""
         return self.resolved_device() == "cuda" and self.tensor_parallel_size * self.pipeline_parallel_size > 1
 
+    def engine_env(self) -> dict[str, str]:
+        """Environment for an engine replica's process (and so for the engine processes it spawns)."""
+        env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if self.resolved_device() == "cpu":
+            # Several engines share the node's cores: no pinning, and an even share of threads each.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.num_replicas))
+        return env
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device

@@ -89,7 +89,6 @@ def scratch_dirs(args) -> tuple[str, str]:
 def _deploy(name: str, args, model_path: str, pool_dirs: tuple[str, str]):
     from ray import serve
 
-    from actors.engine import engine_env
     from app.builder import build_app
     from kvpool.config import KVPoolConfig
 
@@ -111,7 +110,7 @@ def _deploy(name: str, args, model_path: str, pool_dirs: tuple[str, str]):
                              max_model_len=args.max_model_len, dtype=cfg.resolved_dtype(),
                              enable_prefix_caching=True, enable_prompt_tokens_details=True,
                              max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens)
-        env = engine_env(cfg)
+        env = cfg.engine_env()
         if name == "rayllm-offload":
             engine_kwargs["kv_transfer_config"] = {
                 "kv_connector": "OffloadingConnector", "kv_role": "kv_both",
@@ -206,7 +205,7 @@ def run(args) -> dict:
     import ray
     from ray import serve
 
-    from kvpool.bench.replay import Bound, load_sessions, replay, summarize
+    from kvpool.bench.replay import Bound, load_sessions, replay, routing_ms, summarize
     from kvpool.model import resolve_model
     from kvpool.prompt import PromptRenderer
 
@@ -243,6 +242,8 @@ def run(args) -> dict:
                 startup = _wait_ready(url)
                 records[name], makespan = asyncio.run(replay_with_chaos(name, url))
                 results[name].update(startup_s=round(startup, 1), **summarize(records[name], makespan))
+                if routing := routing_ms(url):
+                    results[name]["routing_ms"] = routing
                 if chaos_at is not None:
                     after = [r for r in records[name] if chaos_at <= r.sent_at < chaos_at + CHAOS_WINDOW_S]
                     window = summarize(after, CHAOS_WINDOW_S)

@@ -70,7 +70,6 @@ def reference_answers(model_path: str, runs: Iterable[list[Record]], max_model_l
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from actors.engine import engine_env
     from kvpool.config import KVPoolConfig
 
     keys = list(dict.fromkeys(_key(r) for records in runs for r in records if _checkable(r)))
@@ -78,7 +77,7 @@ def reference_answers(model_path: str, runs: Iterable[list[Record]], max_model_l
         return {}
     max_model_len = max_model_len or max(len(ids) + max_tokens for ids, max_tokens in keys)
     cfg = KVPoolConfig(model=model_path, num_replicas=1)
-    os.environ.update(engine_env(cfg))  # as a replica's engine, with the whole machine to itself
+    os.environ.update(cfg.engine_env())  # as a replica's engine, with the whole machine to itself
     llm = LLM(model=model_path, dtype=cfg.resolved_dtype(), block_size=cfg.block_size, enforce_eager=True,
               max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes, enable_prefix_caching=False)
     answers = {}
