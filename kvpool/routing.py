@@ -391,9 +391,9 @@ class RouterCore:
               tenant: str | None = None) -> Decision | None:
         """The cheapest live replica for a request, given the chain hashes of its prompt (kvpool.hashing) and,
         with the pool on, its pool keys. The request is charged to the choice (and counted to `tenant`)."""
-        # Serve's list; until it arrives (a restarted router hears it at the next request Serve routes without a
-        # choice), the replicas that registered: the watchdog keeps those alive.
-        replicas = self.live or list(self.node_of)
+        # Serve's list: a restarted router has none until the first request Serve routes without a choice (the
+        # request-router plug-in then sends it), so that request falls back.
+        replicas = self.live
         if not replicas:
             return None
         bs = self.block_size
