@@ -31,8 +31,7 @@ from actors.engine import GenerateRequest, ReplicaOutput
 from actors.pool import get_or_create_shard
 from kvpool.connector import RETAIN_ARG
 from kvpool.config import KVPoolConfig
-from kvpool.hashing import block_hashes
-from kvpool.pool_store import pool_keys, request_namespace
+from kvpool.hashing import MEMO_BLOCKS, PoolKeyMemo, block_hashes, request_namespace, token_array
 from kvpool.routing import Decision, Fetch
 
 logger = logging.getLogger("ray.serve")
@@ -106,6 +105,8 @@ class RoutedEngineClient(EngineClient):
         self._router_lost = False  # a call found the router gone for good: upkeep makes another
         # (hashing s, router call s) of the last routed requests: what routing adds before a request is sent
         self.route_times: deque[tuple[float, float]] = deque(maxlen=1000)
+        # Pool keys of recent prompts' blocks by routing hash: a session's next turn hashes only its new blocks.
+        self.key_memo = PoolKeyMemo(MEMO_BLOCKS)
         self._upkeeper: asyncio.Task | None = None
         self.keep_shards()
 
@@ -219,9 +220,13 @@ class RoutedEngineClient(EngineClient):
             return None, None
         # Only full blocks before the last token can be cache hits (the engine always computes the last token).
         # A salted prompt's chains start from its salt, as vLLM's do (the salt is the first block's extra key).
+        # Pool keys here only predict (the router's pool view, fetches: the engine computes its own for loads), so
+        # the 64-bit routing hash is a good enough identity to memoise them by.
         t0 = time.perf_counter()
-        hashes = block_hashes(ids[:-1], self.cfg.block_size, (salt,) if salt else ())
-        keys = pool_keys(ids[:-1], self.cfg.block_size, request_namespace(salt)) if self.cfg.pool_enabled else None
+        tokens = token_array(ids)[:-1]
+        hashes = block_hashes(tokens, self.cfg.block_size, (salt,) if salt else ())
+        keys = self.key_memo.keys(tokens, self.cfg.block_size, request_namespace(salt),
+                                  hashes.tolist()) if self.cfg.pool_enabled else None
         t1 = time.perf_counter()
         try:
             decision = await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), keys, tenant),

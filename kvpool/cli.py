@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     router = bench.add_parser("router", help="routing decision latency and KV-event ingest rate, no engines")
     router.add_argument("--blocks", type=int, default=1_000_000, help="blocks to index")
     router.add_argument("--replicas", type=int, default=8)
+    router.add_argument("--nodes", type=int, default=2, help="nodes the replicas (and their pools) are spread over")
     router.add_argument("--sessions", type=int, default=0, help="0: as many as --blocks holds")
     router.add_argument("--prompt-tokens", type=int, default=100_000)
     router.add_argument("--block-size", type=int, default=32)

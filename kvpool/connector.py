@@ -51,7 +51,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvpool.pool_store import EngineStores, PoolStore, pool_keys, request_namespace
+from kvpool.hashing import MEMO_BLOCKS, PoolKeyMemo, request_namespace
+from kvpool.pool_store import EngineStores, PoolStore
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -250,6 +251,11 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._step: dict[str, _StepPlan] = {}
             self._kv_cache_manager: "KVCacheManager | None" = None
             self._toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpool-touch")
+            # Pool keys by vLLM's own block hash, where that hash is cryptographic (sha256 names the block's whole
+            # prefix and extra keys: salt, LoRA): a session's next turn hashes only its new blocks. A collision of a
+            # weaker hash would load another prefix's KV, so then every key is computed.
+            algo = vllm_config.cache_config.prefix_caching_hash_algo
+            self._key_memo = PoolKeyMemo(MEMO_BLOCKS) if algo.startswith("sha256") else None
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -269,13 +275,21 @@ class KVPoolConnector(KVConnectorBase_V1):
             namespace = request_namespace(getattr(request, "cache_salt", None),
                                           getattr(getattr(request, "lora_request", None), "lora_name", None))
             extra = getattr(request.sampling_params, "extra_args", None) or {}
-            st = self._reqs[request.request_id] = _RequestState(
-                request, pool_keys(request.prompt_token_ids or [], self.block_size, namespace),
-                retain=bool(extra.get(RETAIN_ARG)))
+            st = self._reqs[request.request_id] = _RequestState(request, self._pool_keys(request, namespace),
+                                                                retain=bool(extra.get(RETAIN_ARG)))
             # The session is live: keep its pooled prefix ahead of idle ones, even where this engine's own cache
             # serves it (then nothing is loaded, so nothing else would tell the pool).
             self._toucher.submit(self.stores.touch, st.keys)
         return st
+
+    def _pool_keys(self, request: "Request", namespace: bytes) -> list[str]:
+        tokens = request.prompt_token_ids or []
+        # vLLM hashes blocks of its hash block size: its hashes name ours only where there is one per block.
+        vllm_hashes = request.block_hashes if self._key_memo is not None else None
+        if vllm_hashes is not None and len(vllm_hashes) != request.num_tokens // self.block_size:
+            vllm_hashes = None
+        memo = self._key_memo if vllm_hashes is not None else PoolKeyMemo(0)
+        return memo.keys(tokens, self.block_size, namespace, vllm_hashes)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         # Asked when a request is first scheduled, and again when it resumes after a preemption.

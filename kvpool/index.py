@@ -22,7 +22,7 @@ from kvpool.events import DEVICE_MEDIA, AllBlocksCleared, BlockRemoved, BlockSto
 @dataclass
 class _ReplicaBlocks:
     bit: int
-    # engine block hash -> (our chain hash, running sum S, block position)
+    # engine block hash -> (our routing hash, block position)
     blocks: dict = field(default_factory=dict)
 
 
@@ -60,7 +60,7 @@ class PrefixIndex:
             return
         mask = ~(1 << r.bit)
         owners = self._owners
-        for h, _, _ in r.blocks.values():
+        for h, _ in r.blocks.values():
             m = owners.get(h, 0) & mask
             if m:
                 owners[h] = m
@@ -100,14 +100,13 @@ class PrefixIndex:
             parent = r.blocks.get(ev.parent_block_hash)
             if parent is None:
                 return False
-            seed, pos = parent[1], parent[2] + 1
+            seed, pos = parent[0], parent[1] + 1
         n = len(ev.block_hashes)
-        sums = hashing.prefix_sums(ev.token_ids[: n * self.block_size], self.block_size, seed, pos)
-        ours = hashing.hashes_from_sums(sums).tolist()
+        ours = hashing.prefix_sums(ev.token_ids[: n * self.block_size], self.block_size, seed, pos).tolist()
         bit = 1 << r.bit
         owners, blocks = self._owners, r.blocks
-        for i, (eh, h, s) in enumerate(zip(ev.block_hashes, ours, sums.tolist())):
-            blocks[eh] = (h, s, pos + i)
+        for i, (eh, h) in enumerate(zip(ev.block_hashes, ours), pos):
+            blocks[eh] = (h, i)
             owners[h] = owners.get(h, 0) | bit
         return True
 

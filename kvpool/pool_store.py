@@ -19,7 +19,6 @@ some session came back to is told apart from a one-off prompt's.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -42,27 +41,6 @@ STALE_TMP_S = 300.0
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 logger = logging.getLogger(__name__)
-
-
-def request_namespace(cache_salt: str | None = None, lora_name: str | None = None) -> bytes:
-    """The chain namespace of a request: the same for the connector (in the engine) and the router."""
-    return repr((cache_salt, lora_name)).encode()
-
-
-def pool_keys(tokens: Sequence[int] | np.ndarray, block_size: int, namespace: bytes = b"") -> list[str]:
-    """Hex keys of the full blocks of `tokens`: key_i = blake2b(key_(i-1) || tokens of block i).
-
-    Cryptographic, unlike the 64-bit routing hash, because loading the wrong block would give wrong output.
-    `namespace` (cache salt, LoRA) starts the chain so tenants never share keys."""
-    arr = np.asarray(tokens, dtype=np.int64)
-    n = len(arr) // block_size
-    keys, prev = [], hashlib.blake2b(namespace, digest_size=16).digest()
-    raw = arr[: n * block_size].tobytes()
-    step = block_size * 8
-    for i in range(n):
-        prev = hashlib.blake2b(prev + raw[i * step:(i + 1) * step], digest_size=16).digest()
-        keys.append(prev.hex())
-    return keys
 
 
 @dataclass

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_prefix_computed_on_a_is_loaded_by_b_on_gpu(tiny_model_dir, pool_dirs, tp):
     if torch.cuda.device_count() < tp:
         pytest.skip(f"needs {tp} GPUs")
-    from kvpool.pool_store import pool_keys, request_namespace
+    from kvpool.hashing import pool_keys, request_namespace
 
     prefix, suffix = tokens(50, 24 * BLOCK), tokens(51, 90)
     a = engine(tiny_model_dir, pool_dirs, tensor_parallel_size=tp)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kvpool.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_message, encode_message
-from kvpool.hashing import block_hashes, chain_seed, prefix_sums
+from kvpool.hashing import PoolKeyMemo, block_hashes, chain_seed, pool_keys, prefix_sums, request_namespace
 from kvpool.index import PrefixIndex
 from kvpool.routing import Fetch, LoadBook, PoolOffer, PoolView, ReplicaLoad, RouterCore, choose
 
@@ -37,6 +37,29 @@ def test_chain_continues_across_split_events():
     whole = prefix_sums(toks, BS)
     part = prefix_sums(toks[2 * BS:], BS, seed=int(whole[1]), first_pos=2)
     assert np.array_equal(whole[2:], part)
+
+
+def test_memoised_pool_keys_are_the_computed_ones_and_a_next_turn_hashes_only_its_new_blocks():
+    rng = random.Random(3)
+    history = [rng.randrange(50_000) for _ in range(10 * BS)]
+    memo = PoolKeyMemo(capacity=64)
+    for salt in (None, "tenant-a"):
+        turn, ns, seen_blocks = history[:4 * BS + 5], request_namespace(salt), 0
+        for _ in range(3):  # each turn: the whole history so far plus new tokens
+            ids = block_hashes(turn, BS, (salt,) if salt else ()).tolist()
+            before = memo.misses
+            assert memo.keys(turn, BS, ns, ids) == pool_keys(turn, BS, ns)
+            assert memo.misses - before == len(turn) // BS - seen_blocks  # a salt starts its own chain
+            seen_blocks = len(turn) // BS
+            turn = history[:len(turn) + 3 * BS]
+    assert pool_keys(history, BS, request_namespace("tenant-a")) != pool_keys(history, BS, request_namespace(None))
+    # Bounded: entries beyond two generations of `capacity` go, and keys stay right.
+    small = PoolKeyMemo(capacity=2)
+    ids = block_hashes(history, BS).tolist()
+    assert small.keys(history, BS, b"", ids) == pool_keys(history, BS) == small.keys(history, BS, b"", ids)
+    assert len(small._new) <= 2 and len(small._old) <= 2
+    with pytest.raises(ValueError):
+        memo.keys(history, BS, b"", ids[:3])
 
 
 def test_index_parity_with_request_hashes_across_events():

@@ -14,7 +14,8 @@ import ray
 
 from kvpool.config import KVPoolConfig
 from kvpool.connector import kv_transfer_config
-from kvpool.pool_store import PoolStore, pool_keys, request_namespace
+from kvpool.hashing import pool_keys, request_namespace
+from kvpool.pool_store import PoolStore
 
 from test_pool_correctness import tokens
 

@@ -124,7 +124,7 @@ def test_failed_load_saves_nothing_wrong(tiny_model_dir, pool_dirs, reference):
     """A block that fails to load (here: corrupt) in the step where the request also computes its new blocks: those
     blocks were computed on top of the failed ones and must not be saved; the failed tokens are no cache hit; the
     corrupt file goes; and once a correct copy of the block is back, the next request loads correct KV all along."""
-    from kvpool.pool_store import pool_keys, request_namespace
+    from kvpool.hashing import pool_keys, request_namespace
 
     prefix, suffix, more = tokens(20, 20 * BLOCK), tokens(21, 100), tokens(22, 40)
     keys = pool_keys(prefix + suffix, BLOCK, request_namespace())

@@ -1,8 +1,14 @@
-"""`kvpool bench router`: the router's own costs, without engines.
+"""`kvpool bench router`: routing's own costs on the live path, without engines or Ray.
 
-Builds an index from synthetic engine events (encoded on the wire as vLLM sends them, decoded and applied as the
-router does), then times routing decisions for long agent prompts: hashing the prompt's token ids, the prefix
-lookup over every replica, and the cost rule. Events/s counts block events (a BlockStored of n blocks is n).
+Builds the router's state (RouterCore) from synthetic engine events (encoded on the wire as vLLM sends them, decoded
+and applied as the router does) and a pool view holding every session's blocks on its node, then times, for long
+agent prompts (a session's next turn: its whole context plus a little new tool output):
+- the ingress's hashing, from the Python list of token ids vLLM's tokenizer gives: routing hashes and pool keys,
+  cold (a session's first turn) and warm (the previous turn's pool keys memoised, kvpool.hashing.PoolKeyMemo);
+- the router's decision from what the ingress passes (routing hashes as an array, pool keys): the prefix lookup
+  over every replica, the pool's offers and the cost rule (RouterCore.route; the Ray round trip is not included:
+  the live figure is `routing_ms` in /v1/kvpool/stats).
+Events/s counts block events (a BlockStored of n blocks is n).
 """
 
 from __future__ import annotations
@@ -11,10 +17,16 @@ import time
 
 import numpy as np
 
+from kvpool.config import KVPoolConfig
 from kvpool.events import BlockStored, EventBatch, decode_message, encode_message
-from kvpool.hashing import block_hashes
-from kvpool.index import PrefixIndex
-from kvpool.routing import ReplicaLoad, choose
+from kvpool.hashing import PoolKeyMemo, block_hashes, pool_keys, request_namespace, token_array
+from kvpool.routing import RouterCore
+
+
+def _percentiles(seconds: list[float], name: str) -> dict:
+    us = np.array(seconds) * 1e6
+    return {f"{name}_p50_us": round(float(np.percentile(us, 50)), 1),
+            f"{name}_p99_us": round(float(np.percentile(us, 99)), 1)}
 
 
 def run(args) -> dict:
@@ -50,43 +62,53 @@ def run(args) -> dict:
         if n_blocks >= args.blocks:
             break
 
-    index = PrefixIndex(bs)
+    replicas = [f"replica-{r}" for r in range(args.replicas)]
+    cfg = KVPoolConfig()  # the router's default cost rule
+    core = RouterCore(bs, cfg.route_running_cost_tokens, cfg.route_pool_load_cost, cfg.route_pool_fetch_cost)
+    core.set_replicas(replicas)
+    core.node_of = {r: f"node-{i % args.nodes}" for i, r in enumerate(replicas)}
     t0 = time.perf_counter()
     for frames in messages:
-        replica, _, batch = decode_message(frames)
-        for ev in batch.events:
-            index.apply(replica, ev)
+        replica, batch_seq, batch = decode_message(frames)
+        core.ingest(replica, batch_seq, batch.events)
     ingest_s = time.perf_counter() - t0
 
-    replicas = [f"replica-{r}" for r in range(args.replicas)]
-    loads = {r: ReplicaLoad(queued_prefill_tokens=int(rng.integers(0, 20_000)), running=int(rng.integers(0, 8)))
-             for r in replicas}
     indexed_sessions = min(len(contexts), max(1, n_blocks // blocks_per_session))
-    def decide(prompt) -> None:
-        hashes = block_hashes(prompt[: len(prompt) - 1], bs)
-        matched = index.match(hashes, replicas)
-        choose(len(prompt), {r: n * bs for r, n in matched.items()}, loads, 64)
+    # The pool holds each indexed session's blocks on the node of the replica that computed it.
+    namespace = request_namespace(None)
+    core.pool.layouts = ["layout-rank0"]
+    for node in range(args.nodes):
+        keys = [("layout-rank0", k) for s in range(node, indexed_sessions, args.nodes)
+                for k in pool_keys(contexts[s], bs, namespace)]
+        core.pool.update(f"node-{node}", 0, keys, [])
+    rng_load = np.random.default_rng(1)
+    for i, r in enumerate(replicas):  # some queued work everywhere, so the cost rule has something to weigh
+        core.book.charge(f"queued-{i}", r, int(rng_load.integers(0, 20_000)), 0)
 
-    times, times_list = [], []
+    cold, warm, decisions = [], [], []
+    memo = PoolKeyMemo(1 << 18)
     for i in range(args.decisions):
         ctx = contexts[int(rng.integers(0, indexed_sessions))]
-        # The next turn: the whole context plus a few lines of new tool output.
-        prompt = np.concatenate([ctx, rng.integers(0, 50_000, size=200, dtype=np.int64)])
-        as_list = prompt.tolist()
+        memo.keys(ctx, bs, namespace, block_hashes(ctx, bs).tolist())  # the previous turn went through this ingress
+        # The next turn: the whole context plus a few lines of new tool output, as the tokenizer's list.
+        ids = np.concatenate([ctx, rng.integers(0, 50_000, size=200, dtype=np.int64)]).tolist()
+        for times, turn_memo in ((cold, PoolKeyMemo(0)), (warm, memo)):
+            t = time.perf_counter()
+            tokens = token_array(ids)[:-1]  # what RoutedEngineClient._route does
+            hashes = block_hashes(tokens, bs)
+            keys = turn_memo.keys(tokens, bs, namespace, hashes.tolist())
+            times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        decide(prompt)  # token ids as an int64 array, as `tokenizer(..., return_tensors="np")` gives them
-        t1 = time.perf_counter()
-        decide(as_list)  # a Python list: adds ~12 ns per token of int unboxing
-        times.append(t1 - t)
-        times_list.append(time.perf_counter() - t1)
-    us, us_list = np.array(times) * 1e6, np.array(times_list) * 1e6
+        core.route(f"request-{i}", hashes, len(ids), keys)
+        decisions.append(time.perf_counter() - t)
+        core.book.finished(f"request-{i}")
     return {
-        "bench": "router", "indexed_blocks": index.num_blocks(), "replicas": args.replicas, "sessions": sessions,
-        "prompt_tokens": args.prompt_tokens, "blocks_per_event": args.blocks_per_event,
-        "decision_p50_us": round(float(np.percentile(us, 50)), 1),
-        "decision_p99_us": round(float(np.percentile(us, 99)), 1),
-        "decision_from_list_p50_us": round(float(np.percentile(us_list, 50)), 1),
-        "decision_from_list_p99_us": round(float(np.percentile(us_list, 99)), 1),
+        "bench": "router", "indexed_blocks": core.index.num_blocks(), "pooled_blocks": sum(
+            core.pool.blocks(f"node-{n}") for n in range(args.nodes)), "replicas": args.replicas,
+        "nodes": args.nodes, "sessions": sessions, "prompt_tokens": args.prompt_tokens,
+        "blocks_per_event": args.blocks_per_event,
+        **_percentiles(decisions, "decision"), **_percentiles(cold, "ingress_hashing_cold"),
+        **_percentiles(warm, "ingress_hashing_warm"),
         "events_per_s": round(n_blocks / ingest_s),
         "event_batches_per_s": round(len(messages) / ingest_s),
     }

@@ -39,7 +39,6 @@ class BlockNamer:
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.memo: dict[tuple[int, int], int] = {}
-        self.sum_of: dict[int, int] = {}  # chain hash -> running sum S (kvpool.hashing), to continue the chain
         self.parent: dict[int, int | None] = {}
         self.token_of: dict[int, int] = {}
 
@@ -58,11 +57,11 @@ class BlockNamer:
     def _hash_rest(self, keys: list[int], parent: int | None, pos: int) -> list[int]:
         bs = self.block_size
         tokens = np.repeat(np.asarray(keys, dtype=np.uint64), bs)
-        sums = hashing.prefix_sums(tokens, bs, self.sum_of[parent] if parent is not None else 0, pos)
-        hashes = hashing.hashes_from_sums(sums).tolist()
-        for key, h, s in zip(keys, hashes, sums.tolist()):
+        # A routing hash continues its chain (kvpool.hashing).
+        hashes = hashing.prefix_sums(tokens, bs, parent if parent is not None else 0, pos).tolist()
+        for key, h in zip(keys, hashes):
             self.memo[(parent or 0, key)] = h
-            self.sum_of[h], self.parent[h], self.token_of[h] = s, parent, key
+            self.parent[h], self.token_of[h] = parent, key
             parent = h
         return hashes
 
