@@ -152,6 +152,7 @@ class EventRelay:
 
         self.replica = replica
         self.target: tuple[str, str] | None = None
+        self.last_seq: int | None = None  # of the last batch the publisher sent (forwarded or not)
         self._ctx = zmq.Context.instance()
         self._control_address = f"inproc://kvpool-relay-{replica}-{next(self._made)}"
         self._control = self._ctx.socket(zmq.PAIR)
@@ -210,8 +211,11 @@ class EventRelay:
                     pub.connect(endpoint.decode())
                 if sub in ready:
                     frames = sub.recv_multipart()
+                    if len(frames) != 3:
+                        continue
+                    self.last_seq = int.from_bytes(frames[1], "big")
                     # No router yet: the batch is dropped here but kept in the engine's replay buffer for it.
-                    if pub is not None and len(frames) == 3:
+                    if pub is not None:
                         pub.send_multipart([topic, frames[1], frames[2]])
         except Exception:  # the replica's health check sees the relay stopped and starts another
             logger.exception("the KV event relay of replica %s stopped", self.replica)
@@ -240,6 +244,9 @@ class EngineReplica:
         args = engine_args(cfg, model_path, publisher, replay_endpoint=self.replay_endpoint)
         self.engine = AsyncLLM.from_engine_args(args)
         self._introduction: asyncio.Task | None = None
+        # The last batch the publisher had sent by the previous registration: a router whose view stops short of it
+        # lost the batches since (and no later batch showed it the gap: the engine went quiet).
+        self._published_by_last_registration: int | None = None
         if publisher:
             self.publisher = publisher
             self.relay = EventRelay(publisher, self.replica_id)
@@ -314,7 +321,10 @@ class EngineReplica:
         try:
             if self.router is None:
                 self.router = await loop.run_in_executor(None, find_router, self.app_name, 0)
-            reply = await asyncio.wait_for(self.router.register.remote(*self._registration(), True), 30)
+            published = self.relay.last_seq if self.relay.alive else None
+            reply = await asyncio.wait_for(self.router.register.remote(
+                *self._registration(), True, self._published_by_last_registration), 30)
+            self._published_by_last_registration = published
         except ray.exceptions.ActorDiedError:  # gone for good: the ingress makes another, found next time
             self.router = None
             return

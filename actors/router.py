@@ -195,18 +195,21 @@ class RouterActor:
         return self._endpoint, self._topic_prefix
 
     async def register(self, replica: str, actor: ray.actor.ActorHandle, node_id: str = "",
-                       pool_layouts: list[str] | None = None, can_replay: bool = False) -> dict:
+                       pool_layouts: list[str] | None = None, can_replay: bool = False,
+                       published_before: int | None = None) -> dict:
         """An engine replica announces its actor (so the watchdog notices its death), its node and its pool
         layouts, at start and at every health check. The reply says where to publish its KV events and under which
         topic prefix (this router's, wherever it runs now), and `replay`: whether to send, when it `can_replay`,
-        the batches its publisher still buffers (this router's view of it is incomplete), by calling `replayed`."""
+        the batches its publisher still buffers (this router's view of it is incomplete), by calling `replayed`.
+        `published_before`: the sequence number of the last batch the engine had published by its previous
+        registration (seconds ago), which this router must have heard."""
         self._ensure_consumer()
         self.actors[replica] = actor
         self.core.node_of[replica] = node_id
         if pool_layouts:
             self.core.pool.layouts = list(pool_layouts)
         return {"endpoint": self._endpoint, "topic_prefix": self._topic_prefix,
-                "replay": can_replay and self.core.begin_replay(replica)}
+                "replay": can_replay and self.core.begin_replay(replica, published_before=published_before)}
 
     async def replayed(self, replica: str, messages: list[list[bytes]] | None) -> None:
         """The replay `register` asked for: the publisher's buffered messages, oldest first (None: it failed)."""
@@ -303,7 +306,7 @@ class RouterActor:
                 "prediction_exact_rate": round(c["predicted_exact"] / c["requests"], 4) if c["requests"] else None,
                 "prediction_mean_abs_error_tokens": round(c["abs_error_tokens"] / c["requests"], 1)
                 if c["requests"] else None,
-                "event_resets": events["resets"] + events["malformed"],
+                "event_resets": events["resets"] + events["malformed"] + events["lost_tails"],
                 "event_replays": events["replays"],
                 "orphan_events": events["orphans"],
             }

@@ -317,11 +317,21 @@ class RouterCore:
     # that engine holds. The engine's publisher keeps its recent batches (vLLM's replay buffer); the engine sends
     # them when the router asks (actors/engine.py), and the view is rebuilt from them.
 
-    def begin_replay(self, replica: str, now: float | None = None) -> bool:
+    def begin_replay(self, replica: str, now: float | None = None, published_before: int | None = None) -> bool:
         """Whether `replica`'s view is incomplete and no replay is on its way; if so, one is now awaited: the view
         is emptied (the removals among the live batches that wait for the replay must not be missed meanwhile) and
-        those batches wait for it (see end_replay)."""
-        if replica in self.complete or replica in self.replaying:
+        those batches wait for it (see end_replay). `published_before`: a batch the engine published long enough
+        ago to have arrived; a view that stops short of it lost the batches since, though no later one showed
+        the gap (the engine went quiet after them)."""
+        if replica in self.replaying:
+            return False
+        if replica in self.complete and published_before is not None and \
+                self.last_seq.get(replica, -1) < published_before:
+            logger.warning("KV view of replica %s misses batches %s..%s: replaying", replica,
+                           self.last_seq.get(replica, -1) + 1, published_before)
+            self.complete.discard(replica)
+            self.event_counts.setdefault(replica, Counter())["lost_tails"] += 1
+        if replica in self.complete:
             return False
         self.index.clear(replica)
         self.replaying[replica] = (time.monotonic() if now is None else now, [])

@@ -1,6 +1,7 @@
 """The prefix index and the routing rule, on synthetic engine events (the real-engine tests are in test_routing)."""
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -170,6 +171,11 @@ def test_the_event_relay_follows_the_router_and_the_replay_returns_every_batch(t
             assert decode_message(sub_a.recv_multipart())[1] < moved_at
         replayed = [decode_message(m) for m in asyncio.run(read_replay(replay))]
         assert [seq for _, seq, _ in replayed] == list(range(published))
+        # What the engine tells the router it has published (the relay's thread sees each batch).
+        deadline = time.monotonic() + 10
+        while relay.last_seq != published - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.last_seq == published - 1
         assert all(b.events[0].block_hashes == [seq] for _, seq, b in replayed)
     finally:
         relay.close()
@@ -375,6 +381,22 @@ def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
     # A replica whose first batch the router hears is the engine's first needs no replay.
     core.node_of["b"] = "n1"
     assert core.ingest("b", 0, [head]) is None and not core.begin_replay("b")
+
+
+def test_batches_lost_before_the_engine_went_quiet_are_found_by_the_next_registration():
+    """No later batch shows the gap when the engine goes idle after the loss: the engine's registration says what it
+    had published by its previous one, and a view short of that is rebuilt from the replay."""
+    core = RouterCore(block_size=BS, running_cost_tokens=0)
+    core.node_of["a"] = "n1"
+    tokens = list(range(4000, 4000 + 4 * BS))
+    head, tail = stored(tokens, 0, 2), stored(tokens, 2, 2, parent=hash((0, 1)))
+    assert core.ingest("a", 0, [head]) is None and not core.begin_replay("a", published_before=0)
+    # Batch 1 was published but never arrived, and the engine has been quiet since.
+    assert core.begin_replay("a", now=0, published_before=1)
+    assert core.event_counts["a"]["lost_tails"] == 1
+    core.end_replay("a", [(0, [head]), (1, [tail])])
+    assert core.index.match(block_hashes(tokens, BS), ["a"]) == {"a": 4}
+    assert not core.begin_replay("a", now=1, published_before=1)
 
 
 def test_requests_whose_end_is_never_reported_expire_from_the_load():
