@@ -19,7 +19,7 @@ import numpy as np
 
 from kvpool.config import KVPoolConfig
 from kvpool.events import BlockStored, EventBatch, decode_message, encode_message
-from kvpool.hashing import PoolKeyMemo, block_hashes, pool_keys, request_namespace, token_array
+from kvpool.hashing import MEMO_BLOCKS, PoolKeyMemo, block_hashes, pool_keys, request_namespace, token_array
 from kvpool.routing import RouterCore
 
 
@@ -29,22 +29,11 @@ def _percentiles(seconds: list[float], name: str) -> dict:
             f"{name}_p99_us": round(float(np.percentile(us, 99)), 1)}
 
 
-def run(args) -> dict:
-    bs = args.block_size
-    blocks_per_session = max(1, args.prompt_tokens // bs)
-    sessions = args.sessions or max(1, args.blocks // blocks_per_session)
-    rng = np.random.default_rng(0)
-    # Each session's context; all sessions share a common system prompt, as agent sessions do.
-    system = rng.integers(0, 50_000, size=min(64, blocks_per_session) * bs, dtype=np.int64)
-    contexts = []
-    for _ in range(sessions):
-        own = rng.integers(0, 50_000, size=blocks_per_session * bs - len(system), dtype=np.int64)
-        contexts.append(np.concatenate([system, own]))
-
-    # Engine events: each session is prefilled on one replica in chunks of --blocks-per-event blocks.
-    messages = []
-    seq = {}
-    n_blocks = 0
+def _engine_messages(contexts: list[np.ndarray], args) -> tuple[list[list[bytes]], int]:
+    """Engine events: each session is prefilled on one replica in chunks of --blocks-per-event blocks, up to
+    --blocks blocks in all. Returns the wire messages and the number of blocks."""
+    bs, messages, seq, n_blocks = args.block_size, [], {}, 0
+    blocks_per_session = len(contexts[0]) // bs
     for s, ctx in enumerate(contexts):
         replica = f"replica-{s % args.replicas}"
         parent = None
@@ -58,10 +47,44 @@ def run(args) -> dict:
             parent = hashes[-1]
             n_blocks += n
             if n_blocks >= args.blocks:
-                break
-        if n_blocks >= args.blocks:
-            break
+                return messages, n_blocks
+    return messages, n_blocks
 
+
+def run(args) -> dict:
+    bs = args.block_size
+    blocks_per_session = max(1, args.prompt_tokens // bs)
+    sessions = args.sessions or max(1, args.blocks // blocks_per_session)
+    indexed_sessions = min(sessions, max(1, args.blocks // blocks_per_session))
+    rng = np.random.default_rng(0)
+    # Each session's context; all sessions share a common system prompt, as agent sessions do.
+    system = rng.integers(0, 50_000, size=min(64, blocks_per_session) * bs, dtype=np.int64)
+    contexts = []
+    for _ in range(sessions):
+        own = rng.integers(0, 50_000, size=blocks_per_session * bs - len(system), dtype=np.int64)
+        contexts.append(np.concatenate([system, own]))
+    namespace = request_namespace(None)
+
+    # The ingress (its own process: nothing else in memory but its memo). Each decision's prompt is a session's
+    # next turn: the whole context plus a few lines of new tool output, as the tokenizer's list; warm, the memo
+    # holds the previous turn (the session's context), as when that turn went through this ingress.
+    cold, warm, prompts = [], [], []
+    memo = PoolKeyMemo(MEMO_BLOCKS)
+    for _ in range(args.decisions):
+        ctx = contexts[int(rng.integers(0, indexed_sessions))]
+        memo.keys(ctx, bs, namespace, block_hashes(ctx, bs).tolist())
+        ids = np.concatenate([ctx, rng.integers(0, 50_000, size=200, dtype=np.int64)]).tolist()
+        for times, turn_memo in ((cold, PoolKeyMemo(0)), (warm, memo)):
+            t = time.perf_counter()
+            tokens = token_array(ids)[:-1]  # what RoutedEngineClient._route does
+            hashes = block_hashes(tokens, bs)
+            keys = turn_memo.keys(tokens, bs, namespace, hashes.tolist())
+            times.append(time.perf_counter() - t)
+        prompts.append((hashes, len(ids), keys))
+    del memo
+
+    # The router: its index from the engines' events, its pool view, then the decisions.
+    messages, n_blocks = _engine_messages(contexts, args)
     replicas = [f"replica-{r}" for r in range(args.replicas)]
     cfg = KVPoolConfig()  # the router's default cost rule
     core = RouterCore(bs, cfg.route_running_cost_tokens, cfg.route_pool_load_cost, cfg.route_pool_fetch_cost)
@@ -72,10 +95,9 @@ def run(args) -> dict:
         replica, batch_seq, batch = decode_message(frames)
         core.ingest(replica, batch_seq, batch.events)
     ingest_s = time.perf_counter() - t0
-
-    indexed_sessions = min(len(contexts), max(1, n_blocks // blocks_per_session))
+    n_messages = len(messages)
+    del messages
     # The pool holds each indexed session's blocks on the node of the replica that computed it.
-    namespace = request_namespace(None)
     core.pool.layouts = ["layout-rank0"]
     for node in range(args.nodes):
         keys = [("layout-rank0", k) for s in range(node, indexed_sessions, args.nodes)
@@ -84,22 +106,10 @@ def run(args) -> dict:
     rng_load = np.random.default_rng(1)
     for i, r in enumerate(replicas):  # some queued work everywhere, so the cost rule has something to weigh
         core.book.charge(f"queued-{i}", r, int(rng_load.integers(0, 20_000)), 0)
-
-    cold, warm, decisions = [], [], []
-    memo = PoolKeyMemo(1 << 18)
-    for i in range(args.decisions):
-        ctx = contexts[int(rng.integers(0, indexed_sessions))]
-        memo.keys(ctx, bs, namespace, block_hashes(ctx, bs).tolist())  # the previous turn went through this ingress
-        # The next turn: the whole context plus a few lines of new tool output, as the tokenizer's list.
-        ids = np.concatenate([ctx, rng.integers(0, 50_000, size=200, dtype=np.int64)]).tolist()
-        for times, turn_memo in ((cold, PoolKeyMemo(0)), (warm, memo)):
-            t = time.perf_counter()
-            tokens = token_array(ids)[:-1]  # what RoutedEngineClient._route does
-            hashes = block_hashes(tokens, bs)
-            keys = turn_memo.keys(tokens, bs, namespace, hashes.tolist())
-            times.append(time.perf_counter() - t)
+    decisions = []
+    for i, (hashes, n_tokens, keys) in enumerate(prompts):
         t = time.perf_counter()
-        core.route(f"request-{i}", hashes, len(ids), keys)
+        core.route(f"request-{i}", hashes, n_tokens, keys)
         decisions.append(time.perf_counter() - t)
         core.book.finished(f"request-{i}")
     return {
@@ -110,5 +120,5 @@ def run(args) -> dict:
         **_percentiles(decisions, "decision"), **_percentiles(cold, "ingress_hashing_cold"),
         **_percentiles(warm, "ingress_hashing_warm"),
         "events_per_s": round(n_blocks / ingest_s),
-        "event_batches_per_s": round(len(messages) / ingest_s),
+        "event_batches_per_s": round(n_messages / ingest_s),
     }
