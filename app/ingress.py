@@ -30,6 +30,7 @@ from actors.router import get_or_create_router, tenant_figures
 from app.engine_client import RoutedEngineClient, ServingError, dispatching
 from kvpool.config import KVPoolConfig
 from kvpool.model import resolve_model
+from kvpool.prefix_tokens import PrefixTokenizer
 
 logger = logging.getLogger("ray.serve")
 
@@ -187,6 +188,7 @@ def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name:
     envs.VLLM_CPU_KVCACHE_SPACE = 0  # and allocates no KV cache
     vllm_config = VllmConfig(model_config=model_config, structured_outputs_config=args.create_structured_outputs_config())
     renderer = renderer_from_config(vllm_config)
+    prompt_tokens = reuse_prompt_tokens(renderer)
     client = RoutedEngineClient(cfg, vllm_config, renderer, engine, router, app_name)
     models = OpenAIServingModels(engine_client=client,
                                  base_model_paths=[BaseModelPath(name=cfg.model_name(), model_path=model_path)])
@@ -206,6 +208,7 @@ def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name:
     return {
         "cfg": cfg,
         "pool_off": pool_off,  # why the pool cannot serve this model (None: it can, or it is off by config)
+        "prompt_tokens": prompt_tokens,
         "client": client,
         "models": models,
         "chat": chat,
@@ -215,6 +218,29 @@ def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name:
         "tokenize": ServingTokenization(models, online, request_logger=None, chat_template=template,
                                         chat_template_content_format="auto"),
     }
+
+
+def reuse_prompt_tokens(renderer) -> PrefixTokenizer:
+    """Have vLLM's renderer tokenize a prompt that extends a recent one by reusing that one's tokens
+    (kvpool.prefix_tokens): its `_tokenize_prompt`, and the async wrapper over it, go through a PrefixTokenizer.
+    Requests that want character offsets, and any PrefixTokenizer turned off, tokenize as vLLM does."""
+    from vllm.utils.async_utils import make_async
+
+    tokens = PrefixTokenizer(renderer.get_tokenizer())
+    if tokens.off_reason:
+        return tokens
+    whole = renderer._tokenize_prompt
+
+    def tokenize_prompt(prompt, params):
+        kwargs = params.get_encode_kwargs()
+        if renderer._wants_offsets(prompt, params) or set(kwargs) - {"add_special_tokens", "truncation",
+                                                                     "max_length"}:
+            return whole(prompt, params)
+        return renderer._build_tokens_prompt(tokens.encode(prompt["prompt"], **kwargs), prompt)
+
+    renderer._tokenize_prompt = tokenize_prompt
+    renderer._tokenize_prompt_async = make_async(tokenize_prompt, executor=renderer._executor)
+    return tokens
 
 
 @serve.deployment
@@ -258,7 +284,8 @@ class OpenAIIngress:
                 "pool": {node: await ask(shard) for node, shard in list(self.client.shards.items())}
                 if self.cfg.pool_enabled else None,
                 "pool_off": self.serving["pool_off"],  # why the pool cannot serve this model, if so
-                "fetches": dict(self.client.fetches), "routing_ms": self.client.routing_ms()}
+                "fetches": dict(self.client.fetches), "routing_ms": self.client.routing_ms(),
+                "prompt_tokens": self.serving["prompt_tokens"].stats()}
 
     @api.get("/v1/models")
     async def models(self, request: Request):

@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     transfer.add_argument("--repeats", type=int, default=5, help="rounds per batch size; the median is reported")
 
     default_trace = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "claude-code"
+    prompt = bench.add_parser("prompt", help="tokenizing agent turns whole vs reusing the previous turn's tokens")
+    prompt.add_argument("--trace", default=str(default_trace), help="chat-message sessions (not token-id traces)")
+    prompt.add_argument("--sessions", type=int, default=16)
+    prompt.add_argument("--turns", type=int, default=0, help="0: every turn")
+    prompt.add_argument("--max-context", type=int, default=100_000, help="tokens: sessions are scaled to fit")
+    prompt.add_argument("--model", default="", help="whose tokenizer; default: the embedded model")
+
     def replay_args(p: argparse.ArgumentParser, duration: float = 0) -> None:
         p.add_argument("--trace", default=str(default_trace),
                        help="a trace file or folder: Claude Code transcripts, aiperf dataset.jsonl, Mooncake .jsonl,"
@@ -186,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         from kvpool.bench.single import run
     elif args.bench == "router":
         from kvpool.bench.router import run
+    elif args.bench == "prompt":
+        from kvpool.bench.prompt import run
     elif args.bench == "replay":
         from kvpool.bench.replay import run
     elif args.bench == "soak":

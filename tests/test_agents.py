@@ -114,12 +114,24 @@ def test_rendering_parity_with_vllm_tools_included(tiny_app, tiny_model_dir):
           {"role": "tool", "tool_call_id": "call_2", "content": "1 failed"},
           {"role": "user", "content": "naïve café 😀 and go on"}], TOOLS),
     ]
+    # An agent session's turns, each the whole history so far (longer than a reused prefix's minimum): the
+    # ingress tokenizes each by reusing the previous turn's tokens (kvpool.prefix_tokens), still exactly.
+    history = [{"role": "system", "content": SYSTEM * 7}, {"role": "user", "content": "Fix the bug."}]
+    for turn in range(3):
+        history = history + [
+            {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{turn}", "type": "function", "function": {
+                "name": "read_file", "arguments": json.dumps({"path": f"app/{turn}.py"})}}]},
+            {"role": "tool", "tool_call_id": f"call_{turn}", "content": f"  def f{turn}():\n\treturn {turn}  \n"}]
+        conversations.append((history, TOOLS))
+    before = httpx.get(f"{tiny_app[0]}/v1/kvpool/stats", timeout=30).json()["prompt_tokens"]
     ingress = []
     for messages, tools in conversations:
         r = httpx.post(f"{tiny_app[0]}/tokenize", timeout=60,
                        json={"model": "tiny", "messages": messages, **({"tools": tools} if tools else {})})
         assert r.status_code == 200, r.text
         ingress.append(r.json()["tokens"])
+    after = httpx.get(f"{tiny_app[0]}/v1/kvpool/stats", timeout=30).json()["prompt_tokens"]
+    assert after["off"] is None and after["reused"] - before["reused"] >= 2, (before, after)
     llm = LLM(model=str(tiny_model_dir), block_size=32, kv_cache_memory_bytes=64 << 20, enforce_eager=True,
               max_model_len=4096)
     try:
