@@ -148,11 +148,15 @@ class PrefixTokenizer:
                 return whole
         # The shared part's special tokens are the recent prompt's: only the tail's are looked for.
         head = [(c, t) for c, t in best.specials if c < start]
-        self._remember(text, ids, add_special_tokens, head, start, at)
+        # A text that extends the recent one whole shares at least as much with any later text: it replaces it, so
+        # a session keeps one entry (its latest turn), not one a turn to compare each next turn with.
+        self._remember(text, ids, add_special_tokens, head, start, at,
+                       replaces=best if shared == len(best.text) else None)
         return ids
 
     def _remember(self, text: str, ids: list[int], add_special_tokens: bool,
-                  head: list[tuple[int, int]] | None = None, from_char: int = 0, from_token: int = 0) -> None:
+                  head: list[tuple[int, int]] | None = None, from_char: int = 0, from_token: int = 0,
+                  replaces: _Tokenized | None = None) -> None:
         special_at = [i for i in range(from_token, len(ids)) if ids[i] in self._special_ids]
         starts = [m.start() for m in self._special_re.finditer(text, from_char)]
         if add_special_tokens and not from_token and len(special_at) == len(starts) + 1:
@@ -161,16 +165,22 @@ class PrefixTokenizer:
             return  # the text's special tokens and the ids' do not pair up: never reused
         entry = _Tokenized(_key(text, add_special_tokens), text, ids, (head or []) + list(zip(starts, special_at)))
         with self._lock:
+            if replaces is not None and id(replaces) in self._recent:
+                self._forget(id(replaces))
             self._recent[id(entry)] = entry
             self._by_key.setdefault(entry.key, []).append(id(entry))
             self._tokens += len(ids)
             while self._tokens > self.capacity_tokens and len(self._recent) > 1:
-                old_id, old = self._recent.popitem(last=False)
-                self._tokens -= len(old.ids)
-                same_key = self._by_key[old.key]
-                same_key.remove(old_id)
-                if not same_key:
-                    del self._by_key[old.key]
+                self._forget(next(iter(self._recent)))
+
+    def _forget(self, entry_id: int) -> None:
+        """Drop an entry (the caller holds the lock)."""
+        old = self._recent.pop(entry_id)
+        self._tokens -= len(old.ids)
+        same_key = self._by_key[old.key]
+        same_key.remove(entry_id)
+        if not same_key:
+            del self._by_key[old.key]
 
 
 def _key(text: str, add_special_tokens: bool) -> str:
