@@ -34,6 +34,7 @@ import zmq.asyncio
 
 from kvpool.config import KVPoolConfig
 from kvpool.events import decode_message
+from kvpool.hashing import pool_key_ids
 from kvpool.routing import Decision, ReplicaLoad, RouterCore
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,14 @@ def find_router(app_name: str, timeout_s: float = 120.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def _with_ids(blocks: list[tuple[str, str]]) -> list[tuple[str, int]]:
+    """(layout, pool key) pairs as (layout, pool-key id)."""
+    if not blocks:
+        return []
+    layouts, keys = zip(*blocks)
+    return list(zip(layouts, pool_key_ids(keys).tolist()))
 
 
 def tenant_figures(c: Counter) -> dict:
@@ -223,8 +232,9 @@ class RouterActor:
 
     async def pool_update(self, node: str, seq: int, added: list[tuple[str, str]],
                           removed: list[tuple[str, str]]) -> bool:
-        """A pool shard reports (layout, key) blocks that arrived on or left its node (see PoolView.update)."""
-        return self.core.pool.update(node, seq, added, removed)
+        """A pool shard reports (layout, key) blocks that arrived on or left its node (see PoolView.update, which
+        names them by pool-key id)."""
+        return self.core.pool.update(node, seq, _with_ids(added), _with_ids(removed))
 
     async def set_replicas(self, replicas: list[str]) -> None:
         """Serve's current replica list: replicas that left are dropped from the index and the queues."""
@@ -233,10 +243,10 @@ class RouterActor:
             self._drop(gone)
 
     async def route(self, request_id: str, hashes: np.ndarray, prompt_tokens: int,
-                    pool_keys: list[str] | None = None, tenant: str | None = None) -> Decision | None:
-        """The cheapest live replica for a request, given the chain hashes of its prompt (and its pool keys)."""
+                    pool_ids: np.ndarray | None = None, tenant: str | None = None) -> Decision | None:
+        """The cheapest live replica for a request, given the chain hashes of its prompt (and its pool-key ids)."""
         self._ensure_consumer()
-        d = self.core.route(request_id, hashes, prompt_tokens, pool_keys, tenant)
+        d = self.core.route(request_id, hashes, prompt_tokens, pool_ids, tenant)
         if d is not None:
             self.reasons[d.reason] += 1
             self.metrics.decisions.inc(tags={"reason": d.reason})

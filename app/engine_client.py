@@ -31,7 +31,7 @@ from actors.engine import GenerateRequest, ReplicaOutput
 from actors.pool import get_or_create_shard
 from kvpool.connector import RETAIN_ARG
 from kvpool.config import KVPoolConfig
-from kvpool.hashing import MEMO_BLOCKS, PoolKeyMemo, block_hashes, request_namespace, token_array
+from kvpool.hashing import MEMO_BLOCKS, PoolKeyMemo, block_hashes, pool_key_ids, request_namespace, token_array
 from kvpool.routing import Decision, Fetch
 
 logger = logging.getLogger("ray.serve")
@@ -227,9 +227,10 @@ class RoutedEngineClient(EngineClient):
         hashes = block_hashes(tokens, self.cfg.block_size, (salt,) if salt else ())
         keys = self.key_memo.keys(tokens, self.cfg.block_size, request_namespace(salt),
                                   hashes.tolist()) if self.cfg.pool_enabled else None
+        key_ids = pool_key_ids(keys) if keys is not None else None
         t1 = time.perf_counter()
         try:
-            decision = await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), keys, tenant),
+            decision = await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), key_ids, tenant),
                                               timeout=self.cfg.route_timeout_s)
             self.route_times.append((t1 - t0, time.perf_counter() - t1))
             return decision, keys

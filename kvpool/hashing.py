@@ -8,6 +8,9 @@
 | pool key       | `pool_keys` here: the engine's       | token ids + namespace (cache   | the pool's files and the   | wrong output:     |
 |                | connector (loads, saves), the        | salt, LoRA), any process       | shards' reports (router's  | so blake2b-128    |
 |                | ingress (router's pool view, fetches)|                                | pool view, fetches)        |                   |
+| pool-key id    | `pool_key_ids` here: the ingress,    | a pool key (its first 64 bits) | the router's pool view     | a mis-predicted   |
+|                | the router (the shards' reports)     |                                |                            | pool hit: loads   |
+|                |                                      |                                |                            | fail, recomputed  |
 | vLLM's hash    | the engine (sha256 by default, seed  | token ids + extra keys, one    | KV events (a handle: the   | n/a               |
 |                | random per process)                  | process only                   | index maps it to ours)     |                   |
 
@@ -115,6 +118,17 @@ def pool_keys(tokens: Sequence[int] | np.ndarray, block_size: int, namespace: by
     """Hex pool keys of the full blocks of `tokens`: key_i = blake2b(key_(i-1) || tokens of block i as int64),
     key_(-1) = blake2b(namespace). `namespace` (cache salt, LoRA) starts the chain so tenants never share keys."""
     return PoolKeyMemo(0).keys(tokens, block_size, namespace, None)
+
+
+def pool_key_ids(keys: Sequence[str]) -> np.ndarray:
+    """The pool-key ids (uint64: each hex pool key's first 64 bits) of `keys`, in one pass: the router's pool view
+    names blocks by these, so a prompt's 3K keys cross to it as one array and are looked up as one."""
+    if not keys:
+        return np.empty(0, dtype=np.uint64)
+    raw = np.frombuffer(bytes.fromhex("".join(keys)), dtype=">u8")
+    if len(raw) != 2 * len(keys):
+        raise ValueError("pool keys must be 32 hex digits")
+    return raw[::2].astype(np.uint64)
 
 
 class PoolKeyMemo:

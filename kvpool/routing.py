@@ -22,6 +22,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from kvpool.block_table import BlockTable
+from kvpool.index import PrefixIndex
+
 logger = logging.getLogger(__name__)
 
 
@@ -175,65 +180,79 @@ def choose(prompt_tokens: int, cached_tokens: dict[str, int], loads: dict[str, R
 
 
 class PoolView:
-    """The shared pool as its node shards report it: node -> layout -> pool keys. A block is usable by the app's
-    engines when its node holds it in every one of their layouts (one per engine rank: with TP > 1 a block is whole
-    only when every rank's part is there)."""
+    """The shared pool as its node shards report it: which nodes hold which blocks, in which layouts. A block is
+    usable by the app's engines when its node holds it in every one of their layouts (one per engine rank: with
+    TP > 1 a block is whole only when every rank's part is there). Blocks are named by pool-key id
+    (kvpool.hashing.pool_key_ids) in one BlockTable, one bit per (node, layout), so a prompt's leading run on every
+    node comes from one lookup."""
 
-    def __init__(self):
-        self.nodes: dict[str, dict[str, set[str]]] = {}
-        self.seq: dict[str, int] = {}
-        self.layouts: list[str] = []
+    def __init__(self, table: BlockTable | None = None):
+        self.seq: dict[str, int] = {}  # node -> sequence number of its shard's last report
+        self.layouts: list[str] = []  # the app's engines' layouts
+        self._bits: dict[tuple[str, str], int] = {}
+        self._blocks = table or BlockTable()  # pool-key id -> (node, layout) bits; may be shared (see BlockTable)
 
-    def update(self, node: str, seq: int, added: list[tuple[str, str]], removed: list[tuple[str, str]]) -> bool:
-        """Apply a shard's report of (layout, key) blocks that arrived on or left its node. seq 0 is a full report;
-        one out of sequence (a restart of either side, or a lost report) is refused: the shard then sends a full
-        one."""
+    @property
+    def nodes(self) -> list[str]:
+        return list(self.seq)
+
+    def _bit(self, node: str, layout: str) -> int:
+        bit = self._bits.get((node, layout))
+        if bit is None:
+            bit = self._bits[node, layout] = self._blocks.new_bit()
+        return bit
+
+    def _node_bits(self, node: str) -> list[int] | None:
+        """The owner bits a block must have to be usable on `node` (None: some layout has nothing there)."""
+        bits = [self._bits.get((node, layout)) for layout in self.layouts]
+        return bits if bits and None not in bits else None
+
+    @staticmethod
+    def _run(runs: dict[int, int], bits: list[int] | None) -> int:
+        return min(runs.get(b, 0) for b in bits) if bits else 0
+
+    def update(self, node: str, seq: int, added: list[tuple[str, int]], removed: list[tuple[str, int]]) -> bool:
+        """Apply a shard's report of (layout, pool-key id) blocks that arrived on or left its node. seq 0 is a full
+        report; one out of sequence (a restart of either side, or a lost report) is refused: the shard then sends a
+        full one."""
         if seq == 0:
-            self.nodes[node] = {}
+            self._forget(node)
         elif self.seq.get(node) != seq - 1:
             return False
         self.seq[node] = seq
-        view = self.nodes[node]
-        for layout, key in added:
-            view.setdefault(layout, set()).add(key)
-        for layout, key in removed:
-            view.get(layout, set()).discard(key)
+        for layout, ids in _by_layout(added).items():
+            self._blocks.add(ids, self._bit(node, layout))
+        for layout, ids in _by_layout(removed).items():
+            if (node, layout) in self._bits:
+                self._blocks.discard(ids, self._bits[node, layout])
         return True
 
-    def leading_hits(self, node: str, keys: list[str]) -> int:
-        """How many of `keys`, from the first, `node`'s pool holds in every layout."""
-        view = self.nodes.get(node)
-        if not view or not self.layouts:
-            return 0
-        sets = [view.get(layout, set()) for layout in self.layouts]
-        n = 0
-        if len(sets) == 1:  # one engine rank: the common case, and the hot loop of a pool-aware route
-            held = sets[0]
-            for k in keys:
-                if k not in held:
-                    break
-                n += 1
-            return n
-        for k in keys:
-            if not all(k in s for s in sets):
-                break
-            n += 1
-        return n
+    def _forget(self, node: str) -> None:
+        for key in [k for k in self._bits if k[0] == node]:
+            self._blocks.free_bit(self._bits.pop(key))
+
+    def leading_hits(self, node: str, ids) -> int:
+        """How many of the blocks `ids`, from the first, `node`'s pool holds in every layout."""
+        bits = self._node_bits(node)
+        return self._run(BlockTable.leading_runs(self._blocks.owners(ids)), bits) if bits and len(ids) else 0
 
     def drop_node(self, node: str) -> None:
         """A node left the cluster: its pool went with it."""
-        self.nodes.pop(node, None)
+        self._forget(node)
         self.seq.pop(node, None)
 
     def blocks(self, node: str) -> int:
         """Blocks `node`'s pool holds in every layout."""
-        sets = [self.nodes.get(node, {}).get(layout, set()) for layout in self.layouts]
-        return len(set.intersection(*sets)) if sets else 0
+        bits = self._node_bits(node)
+        return self._blocks.count(bits) if bits else 0
 
-    def offers(self, replicas: list[str], node_of: dict[str, str], keys: list[str], block_size: int,
+    def offers(self, replicas: list[str], node_of: dict[str, str], owners: np.ndarray, block_size: int,
                max_cached: int) -> dict[str, PoolOffer]:
-        """What the pool offers each replica: its own node's leading run and the longest one on another node."""
-        hits = {node: self.leading_hits(node, keys) * block_size for node in self.nodes}
+        """What the pool offers each replica: its own node's leading run and the longest one on another node.
+        `owners`: the table's owner rows of the prompt's pool-key ids (the caller looks them up with others')."""
+        bits = {node: self._node_bits(node) for node in self.seq}
+        runs = BlockTable.leading_runs(owners) if any(bits.values()) else {}
+        hits = {node: self._run(runs, b) * block_size for node, b in bits.items()}
         offers = {}
         for r in replicas:
             node = node_of.get(r, "")
@@ -243,6 +262,13 @@ class PoolView:
         return offers
 
 
+def _by_layout(blocks: list[tuple[str, int]]) -> dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {}
+    for layout, block_id in blocks:
+        grouped.setdefault(layout, []).append(block_id)
+    return grouped
+
+
 class RouterCore:
     """The router's state and decision with no I/O: which replica holds which blocks (PrefixIndex, fed the
     engines' KV events), their queues (LoadBook), the pool (PoolView, fed the shards' reports), and `route`. The
@@ -250,15 +276,15 @@ class RouterCore:
 
     def __init__(self, block_size: int, running_cost_tokens: int, pool_load_cost: float = 0.0,
                  pool_fetch_cost: float = 0.0, rng: random.Random = random._inst):
-        from kvpool.index import PrefixIndex
-
         self.block_size = block_size
         self.running_cost_tokens = running_cost_tokens
         self.pool_load_cost, self.pool_fetch_cost = pool_load_cost, pool_fetch_cost
         self.rng = rng
-        self.index = PrefixIndex(block_size)
+        # One table for the index (routing hashes) and the pool view (pool-key ids): a route looks both up at once.
+        self.blocks = BlockTable()
+        self.index = PrefixIndex(block_size, self.blocks)
         self.book = LoadBook()
-        self.pool = PoolView()
+        self.pool = PoolView(self.blocks)
         self.live: list[str] = []
         self.node_of: dict[str, str] = {}  # replica -> its node (registered replicas)
         self.last_seq: dict[str, int] = {}  # replica -> sequence number of its last event batch
@@ -397,10 +423,10 @@ class RouterCore:
         if replica in self.live:
             self.live = [r for r in self.live if r != replica]
 
-    def route(self, request_id: str, hashes, prompt_tokens: int, pool_keys: list[str] | None = None,
+    def route(self, request_id: str, hashes, prompt_tokens: int, pool_ids=None,
               tenant: str | None = None) -> Decision | None:
-        """The cheapest live replica for a request, given the chain hashes of its prompt (kvpool.hashing) and,
-        with the pool on, its pool keys. The request is charged to the choice (and counted to `tenant`)."""
+        """The cheapest live replica for a request, given the chain hashes of its prompt and, with the pool on, its
+        pool-key ids (kvpool.hashing). The request is charged to the choice (and counted to `tenant`)."""
         # Serve's list: a restarted router has none until the first request Serve routes without a choice (the
         # request-router plug-in then sends it), so that request falls back.
         replicas = self.live
@@ -409,8 +435,13 @@ class RouterCore:
         bs = self.block_size
         # vLLM always computes at least the last prompt token, so a full hit is one block short.
         max_cached = (prompt_tokens - 1) // bs * bs
-        cached = {r: min(n * bs, max_cached) for r, n in self.index.match(hashes, replicas).items()}
-        offers = self.pool.offers(replicas, self.node_of, pool_keys, bs, max_cached) if pool_keys else None
+        self.index.flush()
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        with_pool = pool_ids is not None and len(pool_ids) > 0
+        owners = self.blocks.owners(np.concatenate([hashes, np.asarray(pool_ids, dtype=np.uint64)]) if with_pool
+                                    else hashes)
+        cached = {r: min(n * bs, max_cached) for r, n in self.index.runs(owners[:len(hashes)], replicas).items()}
+        offers = self.pool.offers(replicas, self.node_of, owners[len(hashes):], bs, max_cached) if with_pool else None
         d = choose(prompt_tokens, cached, self.book.loads, self.running_cost_tokens, offers, self.pool_load_cost,
                    self.pool_fetch_cost, self.rng)
         if d.fetch:  # the chosen replica's node copies these blocks from the other node first

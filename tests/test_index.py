@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from kvpool.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_message, encode_message
-from kvpool.hashing import PoolKeyMemo, block_hashes, chain_seed, pool_keys, prefix_sums, request_namespace
+from kvpool.block_table import BlockTable
+from kvpool.hashing import (PoolKeyMemo, block_hashes, chain_seed, pool_key_ids, pool_keys, prefix_sums,
+                            request_namespace)
 from kvpool.index import PrefixIndex
 from kvpool.routing import Fetch, LoadBook, PoolOffer, PoolView, ReplicaLoad, RouterCore, choose
 
@@ -283,16 +285,72 @@ def test_a_dropped_replica_leaves_no_negative_load():
 def test_pool_view_applies_reports_in_sequence_and_counts_blocks_every_rank_holds():
     view = PoolView()
     view.layouts = ["rank0", "rank1"]
-    assert view.update("n1", 0, [("rank0", "a"), ("rank0", "b"), ("rank1", "a")], [])
-    assert view.leading_hits("n1", ["a", "b"]) == 1  # b is whole only once rank 1 holds it too
-    assert not view.update("n1", 2, [("rank1", "b")], [])  # a report was lost: refused, the shard sends all
-    assert view.leading_hits("n1", ["a", "b"]) == 1
-    assert view.update("n1", 1, [("rank1", "b")], [])
-    assert view.leading_hits("n1", ["a", "b", "c"]) == 2 and view.blocks("n1") == 2
-    assert view.update("n1", 2, [], [("rank0", "a")])
-    assert view.leading_hits("n1", ["a", "b"]) == 0  # a chain is usable from its first block only
+    a, b, c = pool_key_ids(pool_keys(list(range(3 * BS)), BS)).tolist()
+    assert view.update("n1", 0, [("rank0", a), ("rank0", b), ("rank1", a)], [])
+    assert view.leading_hits("n1", [a, b]) == 1  # b is whole only once rank 1 holds it too
+    assert not view.update("n1", 2, [("rank1", b)], [])  # a report was lost: refused, the shard sends all
+    assert view.leading_hits("n1", [a, b]) == 1
+    assert view.update("n1", 1, [("rank1", b)], [])
+    assert view.leading_hits("n1", [a, b, c]) == 2 and view.blocks("n1") == 2
+    assert view.update("n1", 2, [], [("rank0", a)])
+    assert view.leading_hits("n1", [a, b]) == 0  # a chain is usable from its first block only
     view.layouts = ["rank0"]
-    assert view.leading_hits("n1", ["b"]) == 1
+    assert view.leading_hits("n1", [b]) == 1
+    view.layouts = ["rank0", "rank2"]  # a layout no shard has reported yet: nothing is whole
+    assert view.leading_hits("n1", [b]) == 0 and view.blocks("n1") == 0
+
+
+def test_block_table_matches_a_dict_of_owner_sets_under_random_changes():
+    """BlockTable (the index's and the pool view's store) against the obvious model: random ids, more than 64 owner
+    bits, adds, discards, clears, growth and rebuilds; every id's owners and every bit's leading run agree."""
+    rng = random.Random(1)
+    table, model = BlockTable(slots=1024), {}
+    for step in range(2000):
+        bit = rng.randrange(70)
+        known = list(model)
+        ids = [rng.randrange(1 << 64) | 1 for _ in range(rng.randrange(1, 40))] if rng.random() < 0.5 or not known \
+            else [rng.choice(known) for _ in range(5)]
+        action = rng.random()
+        if action < 0.6:
+            table.add(ids, bit)
+            for i in ids:
+                model[i] = model.get(i, 0) | 1 << bit
+        elif action < 0.95:
+            table.discard(ids, bit)
+            for i in ids:
+                if i in model:
+                    model[i] &= ~(1 << bit)
+        else:
+            table.clear_bit(bit)
+            for i in model:
+                model[i] &= ~(1 << bit)
+        query = known[:300] + [rng.randrange(1 << 64) | 1 for _ in range(10)]
+        rows = table.owners(query)
+        got = [sum(int(x) << 64 * w for w, x in enumerate(row)) for row in rows]
+        assert got == [model.get(i, 0) for i in query], step
+    assert table.slots > 1024  # it grew
+    runs = BlockTable.leading_runs(rows)
+    for bit in range(70):
+        expected = next((n for n, v in enumerate(got) if not v >> bit & 1), len(got))
+        assert runs.get(bit, 0) == expected, bit
+    assert table.count([]) == sum(1 for v in model.values() if v)
+    assert table.count([3, 5]) == sum(1 for v in model.values() if v >> 3 & 1 and v >> 5 & 1)
+
+
+def test_block_table_churn_sweeps_tombstones_instead_of_rebuilding():
+    """Blocks stored and evicted at the same rate (an engine's steady state) leave tombstones; they are swept as
+    they come, so the table never stops for a whole rebuild and stays exact."""
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 2**63, size=400_000, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    table = BlockTable()
+    table.add(ids[:50_000], 0)
+    slots, rebuilds = table.slots, table.rebuilds
+    for start in range(0, 350_000, 1_000):  # each step: the oldest 1,000 blocks leave, 1,000 new ones arrive
+        table.discard(ids[start:start + 1_000], 0)
+        table.add(ids[start + 50_000:start + 51_000], 0)
+    assert (table.slots, table.rebuilds) == (slots, rebuilds)
+    assert table.owners(ids[350_000:]).all() and not table.owners(ids[:350_000]).any()
+    assert table.count([]) == 50_000
 
 
 def test_router_core_prices_the_pool_on_the_replicas_node_and_charges_its_choice():
@@ -301,7 +359,7 @@ def test_router_core_prices_the_pool_on_the_replicas_node_and_charges_its_choice
     core.set_replicas(["a", "b"])
     core.node_of.update(a="n1", b="n2")
     core.pool.layouts = ["l"]
-    keys = [f"k{i}" for i in range(4)]
+    keys = pool_key_ids(pool_keys(list(range(17)), 4)).tolist()
     core.pool.update("n2", 0, [("l", k) for k in keys], [])
     d = core.route("r1", block_hashes(list(range(17)), 4), 17, keys)
     # b's node holds the 16-token prefix: it loads it, where a would have to copy it from n2 first.
@@ -411,8 +469,10 @@ def test_requests_whose_end_is_never_reported_expire_from_the_load():
 def test_a_node_that_leaves_takes_its_pool_out_of_the_view():
     core = RouterCore(block_size=4, running_cost_tokens=0)
     core.pool.layouts = ["l"]
-    core.pool.update("n1", 0, [("l", "k0")], [])
-    core.pool.update("n2", 0, [("l", "k0")], [])
+    core.pool.update("n1", 0, [("l", 11)], [])
+    core.pool.update("n2", 0, [("l", 11)], [])
     assert core.keep_nodes({"n1"}) == ["n2"]
-    assert list(core.pool.nodes) == ["n1"] and core.pool.leading_hits("n2", ["k0"]) == 0
-    assert core.pool.update("n2", 0, [("l", "k0")], [])  # a node that comes back reports in full
+    assert core.pool.nodes == ["n1"] and core.pool.leading_hits("n2", [11]) == 0
+    assert core.pool.leading_hits("n1", [11]) == 1
+    assert core.pool.update("n2", 0, [("l", 11)], [])  # a node that comes back reports in full
+    assert core.pool.leading_hits("n2", [11]) == 1

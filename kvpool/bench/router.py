@@ -3,9 +3,9 @@
 Builds the router's state (RouterCore) from synthetic engine events (encoded on the wire as vLLM sends them, decoded
 and applied as the router does) and a pool view holding every session's blocks on its node, then times, for long
 agent prompts (a session's next turn: its whole context plus a little new tool output):
-- the ingress's hashing, from the Python list of token ids vLLM's tokenizer gives: routing hashes and pool keys,
+- the ingress's hashing, from the Python list of token ids vLLM's tokenizer gives: routing hashes, pool keys and their ids,
   cold (a session's first turn) and warm (the previous turn's pool keys memoised, kvpool.hashing.PoolKeyMemo);
-- the router's decision from what the ingress passes (routing hashes as an array, pool keys): the prefix lookup
+- the router's decision from what the ingress passes (routing hashes and pool-key ids as arrays): the prefix lookup
   over every replica, the pool's offers and the cost rule (RouterCore.route; the Ray round trip is not included:
   the live figure is `routing_ms` in /v1/kvpool/stats).
 Events/s counts block events (a BlockStored of n blocks is n).
@@ -19,7 +19,8 @@ import numpy as np
 
 from kvpool.config import KVPoolConfig
 from kvpool.events import BlockStored, EventBatch, decode_message, encode_message
-from kvpool.hashing import MEMO_BLOCKS, PoolKeyMemo, block_hashes, pool_keys, request_namespace, token_array
+from kvpool.hashing import (MEMO_BLOCKS, PoolKeyMemo, block_hashes, pool_key_ids, pool_keys, request_namespace,
+                            token_array)
 from kvpool.routing import RouterCore
 
 
@@ -78,7 +79,7 @@ def run(args) -> dict:
             t = time.perf_counter()
             tokens = token_array(ids)[:-1]  # what RoutedEngineClient._route does
             hashes = block_hashes(tokens, bs)
-            keys = turn_memo.keys(tokens, bs, namespace, hashes.tolist())
+            keys = pool_key_ids(turn_memo.keys(tokens, bs, namespace, hashes.tolist()))
             times.append(time.perf_counter() - t)
         prompts.append((hashes, len(ids), keys))
     del memo
@@ -101,7 +102,7 @@ def run(args) -> dict:
     core.pool.layouts = ["layout-rank0"]
     for node in range(args.nodes):
         keys = [("layout-rank0", k) for s in range(node, indexed_sessions, args.nodes)
-                for k in pool_keys(contexts[s], bs, namespace)]
+                for k in pool_key_ids(pool_keys(contexts[s], bs, namespace)).tolist()]
         core.pool.update(f"node-{node}", 0, keys, [])
     rng_load = np.random.default_rng(1)
     for i, r in enumerate(replicas):  # some queued work everywhere, so the cost rule has something to weigh
