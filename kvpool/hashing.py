@@ -85,19 +85,27 @@ def token_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
 def prefix_sums(tokens: Sequence[int] | np.ndarray, block_size: int, seed: int = 0, first_pos: int = 0) -> np.ndarray:
     """Routing hashes of the full blocks of `tokens`, continuing a chain whose last hash so far is `seed` and whose
     next block is number `first_pos`. Trailing tokens that do not fill a block are ignored."""
-    if block_size > _MAX_BLOCK:
-        raise ValueError(f"block_size {block_size} > {_MAX_BLOCK}")
     arr = token_array(tokens)
     n = len(arr) // block_size
     if n == 0:
         return np.empty(0, dtype=np.uint64)
-    # einsum sums the products without a temporary as large as the prompt (page faults cost more than the math).
-    terms = np.einsum("ij,j->i", arr[: n * block_size].reshape(n, block_size), _SLOT[:block_size])
-    with np.errstate(over="ignore"):
-        terms += np.arange(first_pos, first_pos + n, dtype=np.uint64) * _POS
-        terms = _mix(terms)
+    terms = block_terms(arr[: n * block_size], block_size, np.arange(first_pos, first_pos + n, dtype=np.uint64))
+    with np.errstate(over="ignore"):  # wrapping sums are intended
         terms[0] += _U64(seed)
-        return np.cumsum(terms, dtype=np.uint64)
+    return np.cumsum(terms, dtype=np.uint64)
+
+
+def block_terms(tokens: np.ndarray, block_size: int, positions: np.ndarray) -> np.ndarray:
+    """The mixed terms mix(c_j + j * P) of whole blocks (`tokens`: uint64, a multiple of `block_size` long; block j
+    at chain position `positions[j]`); a chain's hashes are their running sum from its seed. Blocks of many chains
+    can be hashed in one call (the router hashes a batch of events so), each chain summed on its own."""
+    if block_size > _MAX_BLOCK:
+        raise ValueError(f"block_size {block_size} > {_MAX_BLOCK}")
+    # einsum sums the products without a temporary as large as the prompt (page faults cost more than the math).
+    terms = np.einsum("ij,j->i", tokens.reshape(-1, block_size), _SLOT[:block_size])
+    with np.errstate(over="ignore"):
+        terms += positions * _POS
+        return _mix(terms)
 
 
 def block_hashes(tokens: Sequence[int] | np.ndarray, block_size: int, extra_keys: Sequence[object] = ()) -> np.ndarray:

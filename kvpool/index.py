@@ -9,12 +9,15 @@ If a parent is unknown (its chain began before the index listened), the blocks c
 the caller is told. Lost events in general are the caller's to detect (sequence numbers, see actors/router.py).
 
 Which replicas hold a block is a BlockTable (routing hash -> one bit per replica), so a 3K-block prompt is matched
-in a few array passes. Stored blocks are buffered and enter the table in bulk (a table insert costs the same few
-microseconds for 16 blocks as for 1,000), before any removal, clear or query sees the table.
+in a few array passes. Stored blocks are hashed and enter the table in bulk (numpy costs the same few microseconds a
+call for 16 blocks as for 1,000): until then a stored block's entry names its place in the batch (a negative
+number, never a hash), so later events can chain from it; a query, a clear, or a removal of such a block hashes the
+batch first.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,33 +30,66 @@ from kvpool.events import DEVICE_MEDIA, AllBlocksCleared, BlockRemoved, BlockSto
 @dataclass
 class _ReplicaBlocks:
     bit: int
-    # engine block hash -> (our routing hash, block position)
+    # engine block hash -> (our routing hash, or -1 - its place in the batch not hashed yet; block position)
     blocks: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Stored:
+    """A BlockStored waiting in the batch: its blocks are numbers first..first+n-1 of the batch."""
+    replica: _ReplicaBlocks
+    engine_hashes: list
+    first: int
+    n: int
+    pos: int  # chain position of its first block
+    seed: int | None  # the parent's routing hash, or None: the parent is block `parent` of the batch
+    parent: int = -1
+
+
 class PrefixIndex:
-    # Stored blocks buffered before they enter the table in one insert.
-    MAX_BUFFERED = 4096
+    # Stored blocks batched before they are hashed and enter the table.
+    MAX_BATCH = 4096
 
     def __init__(self, block_size: int, table: BlockTable | None = None):
         self.block_size = block_size
         self._replicas: dict[str, _ReplicaBlocks] = {}
         # our chain hash -> the bits of the replicas holding the block (the table may be shared: see BlockTable)
         self._owners = table or BlockTable()
-        self._stored_buffer: list[tuple[int, np.ndarray]] = []  # (replica bit, chain hashes) not in the table yet
-        self._buffered = 0
+        self._batch: list[_Stored] = []
+        self._batch_firsts: list[int] = []
+        self._batch_tokens: list[int] = []
+        self._batch_blocks = 0
 
     def flush(self) -> None:
-        """Every stored block into the table (before anything reads or removes from it)."""
-        if not self._stored_buffer:
+        """Hash the batch of stored blocks and put them in the table (before anything reads or removes from it)."""
+        if not self._batch:
             return
-        by_bit: dict[int, list[np.ndarray]] = {}
-        for bit, hashes in self._stored_buffer:
-            by_bit.setdefault(bit, []).append(hashes)
-        for bit, parts in by_bit.items():
-            self._owners.add(np.concatenate(parts), bit)
-        self._stored_buffer.clear()
-        self._buffered = 0
+        batch, n_blocks = self._batch, self._batch_blocks
+        lengths = [e.n for e in batch]
+        positions = np.arange(n_blocks, dtype=np.uint64) + np.repeat(
+            np.array([e.pos - e.first for e in batch], dtype=np.int64).view(np.uint64), lengths)
+        sums = np.cumsum(hashing.block_terms(hashing.token_array(self._batch_tokens), self.block_size, positions),
+                         dtype=np.uint64)
+        # Each event's chain is its parent's hash plus the running sum over its own blocks: one offset per event.
+        offsets: list[int] = []
+        for e in batch:
+            seed = e.seed
+            if seed is None:  # the parent is in the batch: its hash is its own event's offset plus the sum there
+                seed = offsets[bisect_right(self._batch_firsts, e.parent) - 1] + sums.item(e.parent)
+            offsets.append((seed - (sums.item(e.first - 1) if e.first else 0)) % (1 << 64))
+        hashes = sums + np.repeat(np.array(offsets, dtype=np.uint64), lengths)
+        listed = hashes.tolist()
+        for e in batch:  # in order: an engine hash stored twice keeps its later block
+            e.replica.blocks.update(zip(e.engine_hashes, zip(listed[e.first:e.first + e.n],
+                                                             range(e.pos, e.pos + e.n))))
+        bits = [e.replica.bit for e in batch]
+        if len(set(bits)) == 1:
+            self._owners.add(hashes, bits[0])
+        else:
+            of_block = np.repeat(np.array(bits), lengths)
+            for bit in set(bits):
+                self._owners.add(hashes[of_block == bit], bit)
+        self._batch, self._batch_firsts, self._batch_tokens, self._batch_blocks = [], [], [], 0
 
     # --- replicas ------------------------------------------------------------------------------------------------
 
@@ -105,7 +141,11 @@ class PrefixIndex:
             return True
         if ev.block_size != self.block_size:
             raise ValueError(f"engine block_size {ev.block_size} != router block_size {self.block_size}")
+        n = len(ev.block_hashes)
+        if len(ev.token_ids) < n * self.block_size:
+            raise ValueError(f"{len(ev.token_ids)} token ids for {n} blocks")
         r = self._replica(replica)
+        parent_in_batch = -1
         if ev.parent_block_hash is None:
             first = ev.extra_keys[0] if ev.extra_keys else None
             seed, pos = hashing.chain_seed(tuple(first) if first else ()), 0
@@ -114,12 +154,16 @@ class PrefixIndex:
             if parent is None:
                 return False
             seed, pos = parent[0], parent[1] + 1
-        n = len(ev.block_hashes)
-        ours = hashing.prefix_sums(ev.token_ids[: n * self.block_size], self.block_size, seed, pos)
-        r.blocks.update(zip(ev.block_hashes, zip(ours.tolist(), range(pos, pos + n))))
-        self._stored_buffer.append((r.bit, ours))
-        self._buffered += n
-        if self._buffered >= self.MAX_BUFFERED:
+            if seed < 0:
+                seed, parent_in_batch = None, -1 - seed
+        first = self._batch_blocks
+        self._batch.append(_Stored(r, ev.block_hashes, first, n, pos, seed, parent_in_batch))
+        self._batch_firsts.append(first)
+        self._batch_tokens.extend(ev.token_ids if len(ev.token_ids) == n * self.block_size
+                                  else ev.token_ids[: n * self.block_size])
+        r.blocks.update(zip(ev.block_hashes, zip(range(-1 - first, -1 - first - n, -1), range(pos, pos + n))))
+        self._batch_blocks += n
+        if self._batch_blocks >= self.MAX_BATCH:
             self.flush()
         return True
 
@@ -127,10 +171,13 @@ class PrefixIndex:
         r = self._replicas.get(replica)
         if r is None:
             return
+        if self._batch:  # a block still in the batch has no hash yet
+            get = r.blocks.get
+            if any(get(eh, (0,))[0] < 0 for eh in engine_hashes):
+                self.flush()
         pop = r.blocks.pop
         gone = [entry[0] for entry in (pop(eh, None) for eh in engine_hashes) if entry is not None]
         if gone:
-            self.flush()
             self._owners.discard(gone, r.bit)
 
     # --- queries -------------------------------------------------------------------------------------------------

@@ -76,6 +76,46 @@ def test_index_parity_with_request_hashes_across_events():
     assert idx.match(block_hashes(other, BS)) == {"A": 3}
 
 
+def test_a_batch_of_events_hashed_together_indexes_what_one_at_a_time_does():
+    """The index hashes stored blocks in batches (chains continuing from blocks earlier in the same batch, several
+    replicas, a salted chain, evictions and clears in between); hashing each event on its own must give the same
+    view."""
+    rng = random.Random(5)
+    batched, single = PrefixIndex(BS), PrefixIndex(BS)
+    single.MAX_BATCH = 1
+    sessions = [[rng.randrange(50_000) for _ in range(12 * BS)] for _ in range(6)]
+    salts = [()] * 5 + [("salt",)]
+    held: list[list] = [[] for _ in sessions]  # engine hashes of each session's blocks on its replica, in order
+    seen = 0
+    for tag in range(400):
+        s = rng.randrange(6)
+        replica = f"r{s % 3}"
+        action = rng.random()
+        if action < 0.7 and len(held[s]) < 12:
+            first = len(held[s])
+            ev = stored(sessions[s], first, rng.randint(1, 12 - first), parent=held[s][-1] if held[s] else None,
+                        tag=tag)
+            if not first and salts[s]:
+                ev.extra_keys = [list(salts[s])] + [None] * (len(ev.block_hashes) - 1)
+            held[s] += ev.block_hashes
+        elif action < 0.97 and held[s]:  # the session's last blocks are evicted
+            k = rng.randint(1, len(held[s]))
+            ev = BlockRemoved(block_hashes=held[s][-k:])
+            del held[s][-k:]
+        else:
+            ev = AllBlocksCleared()
+            for i in range(s % 3, 6, 3):
+                held[i] = []
+        assert batched.apply(replica, ev) == single.apply(replica, ev)
+        if rng.random() < 0.1 or tag == 399:
+            for chain, salt in zip(sessions, salts):
+                hashes = block_hashes(chain, BS, salt)
+                assert batched.match(hashes) == single.match(hashes)
+                seen += sum(single.match(hashes).values())
+    assert batched.num_blocks() == single.num_blocks()
+    assert seen > 100  # the views held something
+
+
 def test_unknown_parent_is_reported_not_guessed():
     idx = PrefixIndex(BS)
     assert not idx.apply("A", stored(list(range(4 * BS)), 2, 2, parent=12345))

@@ -95,6 +95,7 @@ def run(args) -> dict:
     for frames in messages:
         replica, batch_seq, batch = decode_message(frames)
         core.ingest(replica, batch_seq, batch.events)
+    core.index.flush()  # the index hashes stored blocks in batches: the last one counts too
     ingest_s = time.perf_counter() - t0
     n_messages = len(messages)
     del messages
