@@ -10,9 +10,8 @@ the caller is told. Lost events in general are the caller's to detect (sequence 
 
 Which replicas hold a block is a BlockTable (routing hash -> one bit per replica), so a 3K-block prompt is matched
 in a few array passes. Stored blocks are hashed and enter the table in bulk (numpy costs the same few microseconds a
-call for 16 blocks as for 1,000): until then a stored block's entry names its place in the batch (a negative
-number, never a hash), so later events can chain from it; a query, a clear, or a removal of such a block hashes the
-batch first.
+call for 16 blocks as for 1,000): until then a small per-replica map names each one's place in the batch, so later
+events can chain from it; a query, a clear, or a removal of such a block hashes the batch first.
 """
 
 from __future__ import annotations
@@ -30,8 +29,11 @@ from kvpool.events import DEVICE_MEDIA, AllBlocksCleared, BlockRemoved, BlockSto
 @dataclass
 class _ReplicaBlocks:
     bit: int
-    # engine block hash -> (our routing hash, or -1 - its place in the batch not hashed yet; block position)
+    # engine block hash -> (our routing hash, block position)
     blocks: dict = field(default_factory=dict)
+    # engine block hash -> its place in the batch not hashed yet (small and cache-resident: the large map above is
+    # written once per block, when the batch is hashed)
+    batched: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class PrefixIndex:
         self._owners = table or BlockTable()
         self._batch: list[_Stored] = []
         self._batch_firsts: list[int] = []
-        self._batch_tokens: list[int] = []
+        self._batch_tokens: list[np.ndarray] = []  # converted as each event arrives, while its ints are in cache
         self._batch_blocks = 0
 
     def flush(self) -> None:
@@ -68,7 +70,7 @@ class PrefixIndex:
         lengths = [e.n for e in batch]
         positions = np.arange(n_blocks, dtype=np.uint64) + np.repeat(
             np.array([e.pos - e.first for e in batch], dtype=np.int64).view(np.uint64), lengths)
-        sums = np.cumsum(hashing.block_terms(hashing.token_array(self._batch_tokens), self.block_size, positions),
+        sums = np.cumsum(hashing.block_terms(np.concatenate(self._batch_tokens), self.block_size, positions),
                          dtype=np.uint64)
         # Each event's chain is its parent's hash plus the running sum over its own blocks: one offset per event.
         offsets: list[int] = []
@@ -82,6 +84,7 @@ class PrefixIndex:
         for e in batch:  # in order: an engine hash stored twice keeps its later block
             e.replica.blocks.update(zip(e.engine_hashes, zip(listed[e.first:e.first + e.n],
                                                              range(e.pos, e.pos + e.n))))
+            e.replica.batched.clear()
         bits = [e.replica.bit for e in batch]
         if len(set(bits)) == 1:
             self._owners.add(hashes, bits[0])
@@ -97,6 +100,7 @@ class PrefixIndex:
         return list(self._replicas)
 
     def num_blocks(self, replica: str | None = None) -> int:
+        self.flush()
         if replica is None:
             return sum(len(r.blocks) for r in self._replicas.values())
         r = self._replicas.get(replica)
@@ -149,19 +153,20 @@ class PrefixIndex:
         if ev.parent_block_hash is None:
             first = ev.extra_keys[0] if ev.extra_keys else None
             seed, pos = hashing.chain_seed(tuple(first) if first else ()), 0
+        elif (parent_in_batch := r.batched.get(ev.parent_block_hash, -1)) >= 0:
+            e = self._batch[bisect_right(self._batch_firsts, parent_in_batch) - 1]
+            seed, pos = None, e.pos + parent_in_batch - e.first + 1
         else:
             parent = r.blocks.get(ev.parent_block_hash)
             if parent is None:
                 return False
             seed, pos = parent[0], parent[1] + 1
-            if seed < 0:
-                seed, parent_in_batch = None, -1 - seed
         first = self._batch_blocks
         self._batch.append(_Stored(r, ev.block_hashes, first, n, pos, seed, parent_in_batch))
         self._batch_firsts.append(first)
-        self._batch_tokens.extend(ev.token_ids if len(ev.token_ids) == n * self.block_size
-                                  else ev.token_ids[: n * self.block_size])
-        r.blocks.update(zip(ev.block_hashes, zip(range(-1 - first, -1 - first - n, -1), range(pos, pos + n))))
+        self._batch_tokens.append(hashing.token_array(ev.token_ids if len(ev.token_ids) == n * self.block_size
+                                                      else ev.token_ids[: n * self.block_size]))
+        r.batched.update(zip(ev.block_hashes, range(first, first + n)))
         self._batch_blocks += n
         if self._batch_blocks >= self.MAX_BATCH:
             self.flush()
@@ -171,10 +176,8 @@ class PrefixIndex:
         r = self._replicas.get(replica)
         if r is None:
             return
-        if self._batch:  # a block still in the batch has no hash yet
-            get = r.blocks.get
-            if any(get(eh, (0,))[0] < 0 for eh in engine_hashes):
-                self.flush()
+        if r.batched and not r.batched.keys().isdisjoint(engine_hashes):  # a block in the batch has no hash yet
+            self.flush()
         pop = r.blocks.pop
         gone = [entry[0] for entry in (pop(eh, None) for eh in engine_hashes) if entry is not None]
         if gone:
