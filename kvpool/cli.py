@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     router.add_argument("--block-size", type=int, default=32)
     router.add_argument("--blocks-per-event", type=int, default=16)
     router.add_argument("--decisions", type=int, default=500)
+    router.add_argument("--churn-sessions", type=int, default=160,
+                        help="sessions evicted and replaced, one at a time, after the decisions")
 
     transfer = bench.add_parser("transfer", help="pool write/read bandwidth vs memcpy (default: SmolLM2 KV blocks)")
     transfer.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])

@@ -8,7 +8,8 @@ agent prompts (a session's next turn: its whole context plus a little new tool o
 - the router's decision from what the ingress passes (routing hashes and pool-key ids as arrays): the prefix lookup
   over every replica, the pool's offers and the cost rule (RouterCore.route; the Ray round trip is not included:
   the live figure is `routing_ms` in /v1/kvpool/stats).
-Events/s counts block events (a BlockStored of n blocks is n).
+Events/s counts block events (a BlockStored of n blocks is n). Last, churn (an engine's steady state): each step
+evicts the oldest session's blocks on a replica and stores a new session's there, as events on the wire.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import numpy as np
 
 from kvpool.config import KVPoolConfig
-from kvpool.events import BlockStored, EventBatch, decode_message, encode_message
+from kvpool.events import BlockRemoved, BlockStored, EventBatch, decode_message, encode_message
 from kvpool.hashing import (MEMO_BLOCKS, PoolKeyMemo, block_hashes, pool_key_ids, pool_keys, request_namespace,
                             token_array)
 from kvpool.routing import RouterCore
@@ -31,25 +32,59 @@ def _percentiles(seconds: list[float], name: str) -> dict:
 
 
 def _engine_messages(contexts: list[np.ndarray], args) -> tuple[list[list[bytes]], int]:
-    """Engine events: each session is prefilled on one replica in chunks of --blocks-per-event blocks, up to
-    --blocks blocks in all. Returns the wire messages and the number of blocks."""
-    bs, messages, seq, n_blocks = args.block_size, [], {}, 0
-    blocks_per_session = len(contexts[0]) // bs
+    """Engine events: each session is prefilled on one replica, up to --blocks blocks in all. Returns the wire
+    messages and the number of blocks."""
+    messages, seq, n_blocks = [], {}, 0
     for s, ctx in enumerate(contexts):
         replica = f"replica-{s % args.replicas}"
-        parent = None
-        for first in range(0, blocks_per_session, args.blocks_per_event):
-            n = min(args.blocks_per_event, blocks_per_session - first)
-            hashes = [(s << 32) | (first + i) for i in range(n)]
-            ev = BlockStored(block_hashes=hashes, parent_block_hash=parent,
-                             token_ids=ctx[first * bs:(first + n) * bs].tolist(), block_size=bs)
+        for ev in _session_events(s, ctx, args):
             seq[replica] = seq.get(replica, -1) + 1
             messages.append(encode_message(replica, seq[replica], EventBatch(ts=0.0, events=[ev])))
-            parent = hashes[-1]
-            n_blocks += n
+            n_blocks += len(ev.block_hashes)
             if n_blocks >= args.blocks:
                 return messages, n_blocks
     return messages, n_blocks
+
+
+def _session_events(s: int, ctx: np.ndarray, args) -> list[BlockStored]:
+    """Session `s`'s prefill as its engine reports it: --blocks-per-event blocks an event, engine hashes s:i."""
+    bs, events, parent = args.block_size, [], None
+    for first in range(0, len(ctx) // bs, args.blocks_per_event):
+        n = min(args.blocks_per_event, len(ctx) // bs - first)
+        hashes = [(s << 32) | (first + i) for i in range(n)]
+        events.append(BlockStored(block_hashes=hashes, parent_block_hash=parent,
+                                  token_ids=ctx[first * bs:(first + n) * bs].tolist(), block_size=bs))
+        parent = hashes[-1]
+    return events
+
+
+def _churn(core: RouterCore, args, indexed_sessions: int, sessions: int, blocks_per_session: int) -> dict:
+    """Each step: the oldest indexed session's blocks leave its replica (one BlockRemoved) and a new session's
+    prefill is stored there; returns block events/s over the churn, its steps' times (a step moves two sessions'
+    worth of blocks: the slowest one would show a stall such as a table rebuild) and the table's rebuilds."""
+    rng, steps, moved = np.random.default_rng(2), [], 0
+    rebuilds = core.blocks.rebuilds
+    for j in range(min(args.churn_sessions, indexed_sessions)):
+        replica = f"replica-{j % args.replicas}"
+        new = sessions + j
+        ctx = rng.integers(0, 50_000, size=blocks_per_session * args.block_size, dtype=np.int64)
+        events = [BlockRemoved(block_hashes=[(j << 32) | i for i in range(blocks_per_session)])]
+        events += _session_events(new, ctx, args)
+        messages = []
+        for ev in events:
+            core_seq = core.last_seq[replica] + 1 + len(messages)
+            messages.append(encode_message(replica, core_seq, EventBatch(ts=0.0, events=[ev])))
+        t = time.perf_counter()
+        for frames in messages:
+            topic, batch_seq, batch = decode_message(frames)
+            core.ingest(topic, batch_seq, batch.events)
+        core.index.flush()
+        steps.append(time.perf_counter() - t)
+        moved += 2 * blocks_per_session
+    return {"churn_events_per_s": round(moved / sum(steps)) if steps else None,
+            "churn_step_p50_ms": round(float(np.median(steps)) * 1e3, 1) if steps else None,
+            "churn_worst_step_ms": round(max(steps) * 1e3, 1) if steps else None,
+            "churn_rebuilds": core.blocks.rebuilds - rebuilds}
 
 
 def run(args) -> dict:
@@ -123,4 +158,5 @@ def run(args) -> dict:
         **_percentiles(warm, "ingress_hashing_warm"),
         "events_per_s": round(n_blocks / ingest_s),
         "event_batches_per_s": round(n_messages / ingest_s),
+        **_churn(core, args, indexed_sessions, sessions, blocks_per_session),
     }
