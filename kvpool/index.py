@@ -191,10 +191,6 @@ class PrefixIndex:
 
     # --- queries -------------------------------------------------------------------------------------------------
 
-    @property
-    def table(self) -> BlockTable:
-        return self._owners
-
     def match(self, hashes: np.ndarray | list[int], replicas: list[str] | None = None) -> dict[str, int]:
         """For each replica (default: all known), how many leading blocks of the chain `hashes` it holds."""
         self.flush()
