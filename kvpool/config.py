@@ -87,7 +87,7 @@ class KVPoolConfig(BaseModel):
     pool_host_bytes: int = Field(2 * GiB, ge=0, description="Host-memory tier budget (a tmpfs), bytes per node.")
     pool_disk_bytes: int = Field(8 * GiB, ge=0, description="Disk tier budget, bytes per node.")
     pool_host_dir: str = Field("", description="Host tier directory ($VARS expanded on each node). Empty: "
-                               "/dev/shm/kvpool (tmpfs).")
+                               "/dev/shm/kvpool (tmpfs). Faster: a tmpfs mounted with huge=within_size (README).")
     pool_disk_dir: str = Field("", description="Disk tier directory ($VARS expanded on each node). Empty: "
                                "<KVPOOL_CACHE_DIR>/pool.")
     pool_session_ttl_s: float = Field(

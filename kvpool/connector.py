@@ -507,8 +507,8 @@ class KVPoolConnector(KVConnectorBase_V1):
                 event.synchronize()  # the device-to-host copies have landed
             per_layer = [g.reshape(len(keys), -1).view(torch.uint8) for g in gathered]
             for i, key in enumerate(keys):
-                blob = torch.cat([p[i] for p in per_layer]).numpy()
-                if not self.store.put(key, blob, live=key in live):
+                # The block's piece of every layer, written as they are (the pool's byte order), never joined.
+                if not self.store.put(key, [p[i].numpy() for p in per_layer], live=key in live):
                     return  # the tier is full: the rest would fail the same way; the pool shard makes room
         except Exception:
             logger.exception("saving %d blocks to the pool failed (they will be recomputed when needed)", len(keys))

@@ -5,7 +5,8 @@ so a key names a whole prefix, never just a block's own tokens). A file holds on
 block's bytes (every layer of this engine rank) and, in the schema metadata, its key and an xxh3-64 checksum that
 readers verify. Writers write to a temporary name and rename, so a reader never sees half a block; a missing, short
 or corrupt file reads as a miss, which the engine turns into recomputation. Readers scatter a file's payload straight
-into the destination (one preadv; on CPU, the engine's KV cache), so a load moves the bytes once.
+into the destination (preadv; on CPU, the engine's KV cache), so a load moves the bytes once, and writers write a
+block's pieces as they lie in the KV cache (pwritev), never joined first.
 
 Every engine process on the node reads and writes the same directories, so a block computed by one replica is
 loaded by another (migration on one node), and the files outlive the engines, the pool actor and the app
@@ -19,6 +20,7 @@ some session came back to is told apart from a one-off prompt's.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -33,14 +35,104 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-_SCHEMA = pa.schema([pa.field("kv", pa.large_binary())])
 SUFFIX = ".arrow"
 TMP_SUFFIX = ".tmp"
 # A temporary file older than this belongs to a writer that died (a write takes milliseconds): scan() removes it.
 STALE_TMP_S = 300.0
+# Reads and writes move a block this many bytes at a time, each chunk hashed while it is in cache (L2 is 2 MiB a
+# core on the machine measured; see BENCHMARKS.md, pool transfer bandwidth).
+CHUNK_BYTES = 512 << 10
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+Buffer = bytes | bytearray | memoryview | np.ndarray
 
 logger = logging.getLogger(__name__)
+
+
+class _Frame:
+    """What a block file holds around its payload: an Arrow IPC file of one record batch (one large_binary value,
+    the payload) whose schema metadata carries the block's key and xxh3-64 checksum, in the header and again in
+    the footer. For one payload length and key length these bytes are the same in every file but for the key and
+    checksum (fixed-width), so pyarrow writes them once, around a zero payload with marker values, and every
+    block reuses them: the payload never passes through pyarrow (whose writer costs a copy), a writer can hash it
+    chunk by chunk before the checksum is written, and a reader finds it at a known offset and checks the header
+    by comparing bytes instead of parsing it."""
+
+    def __init__(self, payload_len: int, key_len: int):
+        # Marker values: "~" and "^" are in no hex key or checksum and in none of the schema's names.
+        self._key, self._sum = b"~" * key_len, b"^" * 16
+        buf = pa.py_buffer(bytes(payload_len))
+        offsets = pa.array([0, payload_len], pa.int64()).buffers()[1]
+        arr = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, offsets, buf])
+        schema = pa.schema([pa.field("kv", pa.large_binary())], metadata={"xxh3": self._sum, "key": self._key})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, schema) as writer:
+            writer.write_batch(pa.record_batch([arr], schema=schema))
+        raw = sink.getvalue()
+        data = pa.ipc.open_file(raw).get_batch(0).column(0).buffers()[2]
+        self.offset, self.size = data.address - raw.address, raw.size  # where the payload starts; the file size
+        raw = raw.to_pybytes()
+        self.head, self.tail = raw[:self.offset], raw[self.offset + payload_len:]
+        self._sum_at = self.head.index(self._sum)
+
+    def _filled(self, part: bytes, key: bytes, checksum: bytes) -> bytes:
+        return part.replace(self._key, key).replace(self._sum, checksum)
+
+    def fill(self, key: str, checksum: int) -> tuple[bytes, bytes]:
+        """The head and tail of the file holding `key`'s block with this checksum."""
+        k, c = key.encode(), f"{checksum:016x}".encode()
+        return self._filled(self.head, k, c), self._filled(self.tail, k, c)
+
+    def checksum(self, head: bytes, key: str) -> int | None:
+        """The checksum recorded in a file's `head` if it is the head of `key`'s block, else None."""
+        text = head[self._sum_at:self._sum_at + 16]
+        if head != self._filled(self.head, key.encode(), text):
+            return None
+        try:
+            return int(text, 16)
+        except ValueError:
+            return None
+
+
+@functools.lru_cache(maxsize=64)
+def _frame(payload_len: int, key_len: int) -> _Frame:
+    return _Frame(payload_len, key_len)
+
+
+def _byte_views(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
+    if isinstance(data, (bytes, bytearray, memoryview, np.ndarray)):
+        data = [data]
+    return [memoryview(d).cast("B") for d in data]
+
+
+def _chunks(views: Sequence[memoryview]) -> list[tuple[list[memoryview], int]]:
+    """`views` in runs of about CHUNK_BYTES (a larger view split), at most IOV_MAX views a run, each with its
+    size in bytes. (A hot path: a block is tens of views.)"""
+    runs: list[tuple[list[memoryview], int]] = []
+    run: list[memoryview] = []
+    size = 0
+    for v in views:
+        n = v.nbytes
+        if n > CHUNK_BYTES:
+            if run:
+                runs.append((run, size))
+                run, size = [], 0
+            runs.extend(([v[i:i + CHUNK_BYTES]], min(CHUNK_BYTES, n - i)) for i in range(0, n, CHUNK_BYTES))
+            continue
+        run.append(v)
+        size += n
+        if size >= CHUNK_BYTES or len(run) == IOV_MAX:
+            runs.append((run, size))
+            run, size = [], 0
+    if run:
+        runs.append((run, size))
+    return runs
+
+
+def _moved(n: int, expected: int) -> int:
+    """`n`, the bytes a read or write moved, if it was all `expected`; a short transfer is an error."""
+    if n != expected:
+        raise OSError(f"short transfer: {n} of {expected} bytes")
+    return n
 
 
 @dataclass
@@ -85,7 +177,6 @@ class PoolStore:
         mix, each layout has its own subdirectory."""
         self.tiers = {"host": Path(host_dir) / layout, "disk": Path(disk_dir) / layout}
         self._readers: ThreadPoolExecutor | None = None
-        self._spans: dict[int, tuple[int, int]] = {}  # file size -> payload (offset, length)
         for d in self.tiers.values():
             d.mkdir(parents=True, exist_ok=True)
 
@@ -114,27 +205,39 @@ class PoolStore:
     def _tmp(self, target: Path) -> Path:
         return target.with_name(f".{target.stem}.{uuid.uuid4().hex}{TMP_SUFFIX}")
 
-    def put(self, key: str, data: bytes | memoryview | np.ndarray, live: bool = False) -> bool:
-        """Write a block to the host tier (atomically; an existing block is left as it is). False if it could not
-        be written (a full tier): nothing is left behind, and the block is recomputed when needed. `live`: the
-        block belongs to a live session from the start (a client asked for the prefix to be kept)."""
+    def put(self, key: str, data: Buffer | Sequence[Buffer], live: bool = False) -> bool:
+        """Write a block to the host tier (atomically; an existing block is left as it is). `data`: the block's
+        bytes, whole or as its pieces in order (a KV cache's layers), written without joining them. False if it
+        could not be written (a full tier): nothing is left behind, and the block is recomputed when needed.
+        `live`: the block belongs to a live session from the start (a client asked for the prefix to be kept)."""
         target = self._path("host", key)
         if target.exists():
             return True
-        buf = pa.py_buffer(data)
-        arr = pa.LargeBinaryArray.from_buffers(pa.large_binary(), 1, [None, pa.array([0, buf.size],
-                                                                                     pa.int64()).buffers()[1], buf])
-        # Fixed-width values, so every block file of a layout has the same header size (see _payload_span).
-        schema = _SCHEMA.with_metadata({"xxh3": f"{xxhash.xxh3_64_intdigest(buf):016x}", "key": key})
+        chunks = _chunks(_byte_views(data))
+        frame = _frame(sum(size for _, size in chunks), len(key.encode()))
         tmp = self._tmp(target)
         try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                writer.write_batch(pa.record_batch([arr], schema=schema))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                # At its full size from the start, so a tmpfs mounted huge=within_size backs it with large pages.
+                os.ftruncate(fd, frame.size)
+                # Payload first, a chunk at a time: each chunk is hashed, then copied by the kernel while it is
+                # still in cache; the frame, which holds the checksum, goes in last.
+                h, pos = xxhash.xxh3_64(), frame.offset
+                for chunk, size in chunks:
+                    for v in chunk:
+                        h.update(v)
+                    pos += _moved(os.pwritev(fd, chunk, pos), size)
+                head, tail = frame.fill(key, h.intdigest())
+                _moved(os.pwrite(fd, head, 0), len(head))
+                _moved(os.pwrite(fd, tail, pos), len(tail))
+            finally:
+                os.close(fd)
             now = time.time()
             os.utime(tmp, (now if live else 0, now))  # atime 0: not reused yet
             os.replace(tmp, target)
             return True
-        except (OSError, pa.ArrowException) as e:
+        except OSError as e:
             tmp.unlink(missing_ok=True)
             logger.warning("pool block %s not written: %s", key, e)
             return False
@@ -179,45 +282,39 @@ class PoolStore:
             logger.warning("pool block %s not copied: %s", key, e)
             return False
 
-    def _payload_span(self, size: int, fd: int) -> tuple[int, int]:
-        """(offset, length) of the KV payload in a block file of `size` bytes. Files of one size share it (the
-        metadata has fixed-width values), so it is parsed from the first file of each size and remembered."""
-        span = self._spans.get(size)
-        if span is None:
-            raw = os.pread(fd, size, 0)
-            whole = pa.py_buffer(raw)
-            data = pa.ipc.open_file(whole).get_batch(0).column(0).buffers()[2]
-            span = self._spans[size] = (data.address - whole.address, data.size)
-        return span
+    def _open(self, key: str) -> tuple[int, Path] | None:
+        for tier in ("host", "disk"):
+            path = self._path(tier, key)
+            try:
+                return os.open(path, os.O_RDONLY), path
+            except FileNotFoundError:
+                continue
+        return None
 
     def read_into(self, key: str, dst: Sequence[memoryview]) -> bool:
         """Read a block straight into `dst` (the destination's contiguous pieces, in order: on CPU the KV cache's
-        own memory), with one preadv and no staging copy, then verify its key and checksum. False if the block is
-        missing, of another size, or corrupt; `dst` then holds garbage, which the engine recomputes over."""
-        path = self.find(key)
-        if path is None:
+        own memory), with no staging copy, a chunk at a time, each chunk hashed while it is still in cache; then
+        its key and checksum verified. False if the block is missing, of another size, or corrupt; `dst` then
+        holds garbage, which the engine recomputes over."""
+        opened = self._open(key)
+        if opened is None:
             return False
+        fd, path = opened
         try:
-            fd = os.open(path, os.O_RDONLY)
             try:
-                offset, length = self._payload_span(os.fstat(fd).st_size, fd)
-                if length != sum(v.nbytes for v in dst):
-                    return False
-                header = bytearray(offset)
-                bufs, pos = [header, *dst], 0
-                for i in range(0, len(bufs), IOV_MAX):  # preadv takes at most IOV_MAX buffers a call
-                    chunk = bufs[i:i + IOV_MAX]
-                    n = sum(memoryview(b).nbytes for b in chunk)
-                    if os.preadv(fd, chunk, pos) != n:
-                        return False
-                    pos += n
+                chunks = _chunks(dst)
+                frame = _frame(sum(size for _, size in chunks), len(key.encode()))
+                if os.fstat(fd).st_size != frame.size:
+                    return False  # another layout's block, or a short file
+                head = os.pread(fd, frame.offset, 0)
+                h, pos = xxhash.xxh3_64(), frame.offset
+                for chunk, size in chunks:
+                    pos += _moved(os.preadv(fd, chunk, pos), size)
+                    for v in chunk:
+                        h.update(v)
             finally:
                 os.close(fd)
-            meta = pa.ipc.read_schema(pa.py_buffer(memoryview(header)[8:])).metadata  # past the file magic
-            h = xxhash.xxh3_64()
-            for v in dst:
-                h.update(v)
-            if meta.get(b"key") != key.encode() or h.intdigest() != int(meta[b"xxh3"], 16):
+            if h.intdigest() != frame.checksum(head, key):
                 # Corrupt: never served again, and a correct copy can take its place (writers skip existing keys).
                 path.unlink(missing_ok=True)
                 logger.warning("pool block %s is corrupt: removed", key)
@@ -228,15 +325,15 @@ class PoolStore:
             return False
 
     def get(self, key: str) -> bytes | None:
-        """A block's verified bytes (tools and tests; engines use read_blocks_into)."""
+        """A block's verified bytes, parsed as Arrow (tools and tests; engines use read_blocks_into)."""
         path = self.find(key)
         try:
-            with open(path, "rb") as f:  # type: ignore[arg-type]
-                length = self._payload_span(os.fstat(f.fileno()).st_size, f.fileno())[1]
-        except (TypeError, OSError, pa.ArrowException):
+            reader = pa.ipc.open_file(pa.py_buffer(path.read_bytes()))  # type: ignore[union-attr]
+            meta, data = reader.schema.metadata, reader.get_batch(0).column(0).buffers()[2]
+            ok = meta[b"key"] == key.encode() and int(meta[b"xxh3"], 16) == xxhash.xxh3_64_intdigest(data)
+        except (AttributeError, OSError, pa.ArrowException, KeyError, ValueError, IndexError):
             return None
-        buf = bytearray(length)
-        return bytes(buf) if self.read_into(key, [memoryview(buf)]) else None
+        return data.to_pybytes() if ok else None
 
     def read_blocks_into(self, keys: Sequence[str], dst: Callable[[int], Sequence[memoryview]]) -> int:
         """Read `keys` in parallel reader threads, block i into dst(i) (file reads and hashing release the GIL).

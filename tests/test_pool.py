@@ -217,3 +217,57 @@ def test_store_round_trip_and_keys(tmp_path):
     assert pool_keys(list(range(64)) + [1], 32) == k1
     assert pool_keys([0] + list(range(1, 64)), 32)[1] == k1[1]
     assert pool_keys([99] + list(range(1, 64)), 32)[1] != k1[1]  # a key names the whole prefix
+
+
+def test_block_file_is_the_arrow_file_pyarrow_writes(tmp_path):
+    """put writes a block's pieces around a frame made once per size (kvpool/pool_store.py, _Frame): the file must
+    be exactly the Arrow IPC file pyarrow's own writer makes of the joined bytes, for any split of the pieces, and
+    read back through any split of the destination (pieces larger than a chunk, more pieces than one preadv takes)."""
+    import numpy as np
+    import pyarrow as pa
+    import xxhash
+
+    from kvpool.pool_store import CHUNK_BYTES, IOV_MAX
+
+    store = PoolStore(tmp_path / "h", tmp_path / "d", "layout")
+    rng = np.random.default_rng(7)
+    for n, splits in ((1, 1), (1000, 7), (3 * CHUNK_BYTES + 5, 4), (IOV_MAX * 3 + 1, IOV_MAX * 3 + 1)):
+        data = rng.integers(0, 256, size=n, dtype=np.uint8)
+        key = rng.bytes(32).hex()
+        assert store.put(key, np.array_split(data, splits))
+        buf = pa.py_buffer(data)
+        values = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), 1, [None, pa.array([0, n], pa.int64()).buffers()[1], buf])
+        schema = pa.schema([pa.field("kv", pa.large_binary())],
+                           metadata={"xxh3": f"{xxhash.xxh3_64_intdigest(buf):016x}", "key": key})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, schema) as writer:
+            writer.write_batch(pa.record_batch([values], schema=schema))
+        assert store.find(key).read_bytes() == sink.getvalue().to_pybytes(), n
+        for parts in (1, 3, splits):
+            out = [bytearray(len(p)) for p in np.array_split(data, parts)]
+            assert store.read_into(key, [memoryview(o) for o in out]) and b"".join(out) == data.tobytes()
+
+
+def test_block_file_header_is_checked(tmp_path):
+    """A header that is not the one put writes for this key and size (another key's file, a damaged checksum)
+    reads as a miss: the engine recomputes, it never loads those bytes."""
+    import xxhash
+
+    store = PoolStore(tmp_path / "h", tmp_path / "d", "layout")
+    payload = bytes(range(256)) * 40
+    a, b = "a1" * 16, "b2" * 16
+    out = memoryview(bytearray(len(payload)))
+    store.put(a, payload)
+    store.put(b, payload)
+    store.find(a).write_bytes(store.find(b).read_bytes())  # b's block under a's name: same payload, other key
+    assert not store.read_into(a, [out])
+    checksum = f"{xxhash.xxh3_64_intdigest(payload):016x}".encode()
+    good = store.find(b).read_bytes()
+    at = good.index(checksum)  # in the header (the footer holds it again)
+    for digit in (b"g", b"0" if checksum[:1] != b"0" else b"1"):  # not a hex digit; another checksum
+        store.put(b, payload)
+        store.find(b).write_bytes(good[:at] + digit + good[at + 1:])
+        assert not store.read_into(b, [out]) and store.find(b) is None  # removed: a good copy can take its place
+    store.put(b, payload)
+    assert store.read_into(b, [out]) and bytes(out) == payload
