@@ -20,11 +20,14 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
+import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvpool.config import KVPoolConfig
+from kvpool.hashing import pool_key_ids
 from kvpool.pool_store import BlockFile, PoolStore, to_move_out
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,14 @@ def get_or_create_shard(cfg: KVPoolConfig, app_name: str, node_id: str | None = 
         num_cpus=0, max_concurrency=16, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(cfg, app_name)
 
+
+
+def report_ids(blocks: Iterable[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """(layout, pool key) blocks as the router takes them (PoolView.update): layout -> an array of pool-key ids."""
+    keys: dict[str, list[str]] = {}
+    for layout, key in blocks:
+        keys.setdefault(layout, []).append(key)
+    return {layout: pool_key_ids(k) for layout, k in keys.items()}
 
 class PoolShard:
     def __init__(self, cfg: KVPoolConfig, app_name: str = "", period_s: float = 0.5):
@@ -117,14 +128,15 @@ class PoolShard:
         held = self.held
         if self._reported is None:
             self._report_seq = 0
-            added, removed = sorted(held), []
+            added, removed = held, set()
         else:
-            added, removed = sorted(held - self._reported), sorted(self._reported - held)
+            added, removed = held - self._reported, self._reported - held
             if not added and not removed:
                 return
             self._report_seq += 1
         try:
-            ok = await router.pool_update.remote(self.node_id, self._report_seq, added, removed)
+            ok = await router.pool_update.remote(self.node_id, self._report_seq, report_ids(added),
+                                                 report_ids(removed))
         except ray.exceptions.RayError:
             ok = False
         self._reported = held if ok else None

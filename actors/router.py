@@ -34,7 +34,6 @@ import zmq.asyncio
 
 from kvpool.config import KVPoolConfig
 from kvpool.events import decode_message
-from kvpool.hashing import pool_key_ids
 from kvpool.routing import Decision, ReplicaLoad, RouterCore
 
 logger = logging.getLogger(__name__)
@@ -66,14 +65,6 @@ def find_router(app_name: str, timeout_s: float = 120.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-
-
-def _with_ids(blocks: list[tuple[str, str]]) -> list[tuple[str, int]]:
-    """(layout, pool key) pairs as (layout, pool-key id)."""
-    if not blocks:
-        return []
-    layouts, keys = zip(*blocks)
-    return list(zip(layouts, pool_key_ids(keys).tolist()))
 
 
 def tenant_figures(c: Counter) -> dict:
@@ -230,11 +221,11 @@ class RouterActor:
                 logger.warning("replica %s sent an undecodable replay", replica)
         self.core.end_replay(replica, batches)
 
-    async def pool_update(self, node: str, seq: int, added: list[tuple[str, str]],
-                          removed: list[tuple[str, str]]) -> bool:
-        """A pool shard reports (layout, key) blocks that arrived on or left its node (see PoolView.update, which
-        names them by pool-key id)."""
-        return self.core.pool.update(node, seq, _with_ids(added), _with_ids(removed))
+    async def pool_update(self, node: str, seq: int, added: dict[str, np.ndarray],
+                          removed: dict[str, np.ndarray]) -> bool:
+        """A pool shard reports the blocks that arrived on or left its node: layout -> pool-key ids (see
+        PoolView.update)."""
+        return self.core.pool.update(node, seq, added, removed)
 
     async def set_replicas(self, replicas: list[str]) -> None:
         """Serve's current replica list: replicas that left are dropped from the index and the queues."""

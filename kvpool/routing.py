@@ -21,6 +21,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -211,18 +212,20 @@ class PoolView:
     def _run(runs: dict[int, int], bits: list[int] | None) -> int:
         return min(runs.get(b, 0) for b in bits) if bits else 0
 
-    def update(self, node: str, seq: int, added: list[tuple[str, int]], removed: list[tuple[str, int]]) -> bool:
-        """Apply a shard's report of (layout, pool-key id) blocks that arrived on or left its node. seq 0 is a full
-        report; one out of sequence (a restart of either side, or a lost report) is refused: the shard then sends a
-        full one."""
+    def update(self, node: str, seq: int, added: Mapping[str, Sequence[int] | np.ndarray],
+               removed: Mapping[str, Sequence[int] | np.ndarray]) -> bool:
+        """Apply a shard's report of the blocks that arrived on or left its node: layout -> their pool-key ids (an
+        array: a full report of a million blocks is then a few arrays, not a million Python objects for the
+        collector to walk). seq 0 is a full report; one out of sequence (a restart of either side, or a lost
+        report) is refused: the shard then sends a full one."""
         if seq == 0:
             self._forget(node)
         elif self.seq.get(node) != seq - 1:
             return False
         self.seq[node] = seq
-        for layout, ids in _by_layout(added).items():
+        for layout, ids in added.items():
             self._blocks.add(ids, self._bit(node, layout))
-        for layout, ids in _by_layout(removed).items():
+        for layout, ids in removed.items():
             if (node, layout) in self._bits:
                 self._blocks.discard(ids, self._bits[node, layout])
         return True
@@ -260,13 +263,6 @@ class PoolView:
                                       default=(None, 0))
             offers[r] = PoolOffer(min(hits.get(node, 0), max_cached), min(remote, max_cached), remote_node)
         return offers
-
-
-def _by_layout(blocks: list[tuple[str, int]]) -> dict[str, list[int]]:
-    grouped: dict[str, list[int]] = {}
-    for layout, block_id in blocks:
-        grouped.setdefault(layout, []).append(block_id)
-    return grouped
 
 
 class RouterCore:

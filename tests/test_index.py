@@ -323,16 +323,19 @@ def test_a_dropped_replica_leaves_no_negative_load():
 
 
 def test_pool_view_applies_reports_in_sequence_and_counts_blocks_every_rank_holds():
+    from actors.pool import report_ids  # the shard's side of the report: (layout, pool key) -> layout: id array
+
     view = PoolView()
     view.layouts = ["rank0", "rank1"]
-    a, b, c = pool_key_ids(pool_keys(list(range(3 * BS)), BS)).tolist()
-    assert view.update("n1", 0, [("rank0", a), ("rank0", b), ("rank1", a)], [])
+    ka, kb, kc = pool_keys(list(range(3 * BS)), BS)
+    a, b, c = pool_key_ids([ka, kb, kc]).tolist()
+    assert view.update("n1", 0, report_ids([("rank0", ka), ("rank0", kb), ("rank1", ka)]), {})
     assert view.leading_hits("n1", [a, b]) == 1  # b is whole only once rank 1 holds it too
-    assert not view.update("n1", 2, [("rank1", b)], [])  # a report was lost: refused, the shard sends all
+    assert not view.update("n1", 2, report_ids([("rank1", kb)]), {})  # a report was lost: refused, the shard sends all
     assert view.leading_hits("n1", [a, b]) == 1
-    assert view.update("n1", 1, [("rank1", b)], [])
+    assert view.update("n1", 1, report_ids([("rank1", kb)]), {})
     assert view.leading_hits("n1", [a, b, c]) == 2 and view.blocks("n1") == 2
-    assert view.update("n1", 2, [], [("rank0", a)])
+    assert view.update("n1", 2, {}, report_ids([("rank0", ka)]))
     assert view.leading_hits("n1", [a, b]) == 0  # a chain is usable from its first block only
     view.layouts = ["rank0"]
     assert view.leading_hits("n1", [b]) == 1
@@ -400,7 +403,7 @@ def test_router_core_prices_the_pool_on_the_replicas_node_and_charges_its_choice
     core.node_of.update(a="n1", b="n2")
     core.pool.layouts = ["l"]
     keys = pool_key_ids(pool_keys(list(range(17)), 4)).tolist()
-    core.pool.update("n2", 0, [("l", k) for k in keys], [])
+    core.pool.update("n2", 0, {"l": keys}, {})
     d = core.route("r1", block_hashes(list(range(17)), 4), 17, keys)
     # b's node holds the 16-token prefix: it loads it, where a would have to copy it from n2 first.
     assert (d.replica, d.reason, d.predicted_cached_tokens, d.fetch) == ("b", "pool", 16, None)
@@ -509,10 +512,10 @@ def test_requests_whose_end_is_never_reported_expire_from_the_load():
 def test_a_node_that_leaves_takes_its_pool_out_of_the_view():
     core = RouterCore(block_size=4, running_cost_tokens=0)
     core.pool.layouts = ["l"]
-    core.pool.update("n1", 0, [("l", 11)], [])
-    core.pool.update("n2", 0, [("l", 11)], [])
+    core.pool.update("n1", 0, {"l": [11]}, {})
+    core.pool.update("n2", 0, {"l": [11]}, {})
     assert core.keep_nodes({"n1"}) == ["n2"]
     assert core.pool.nodes == ["n1"] and core.pool.leading_hits("n2", [11]) == 0
     assert core.pool.leading_hits("n1", [11]) == 1
-    assert core.pool.update("n2", 0, [("l", 11)], [])  # a node that comes back reports in full
+    assert core.pool.update("n2", 0, {"l": [11]}, {})  # a node that comes back reports in full
     assert core.pool.leading_hits("n2", [11]) == 1

@@ -115,7 +115,7 @@ def test_the_pool_keeps_its_budgets_in_the_shards_eviction_order():
     assert held["host"] == sorted(order[3:]) and held["disk"] == sorted(order[1:3])
     assert 1 in held["host"]  # reused within the TTL: the last to go
     seq, added, removed = pool.report()
-    assert seq == 0 and {k for _, k in added} == set(pool.files) and removed == []
+    assert seq == 0 and set(added["sim"]) == set(pool.files) and removed == {"sim": []}
 
 
 def test_simulate_prints_one_json_line_with_every_policy():

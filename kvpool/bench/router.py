@@ -137,9 +137,9 @@ def run(args) -> dict:
     # The pool holds each indexed session's blocks on the node of the replica that computed it.
     core.pool.layouts = ["layout-rank0"]
     for node in range(args.nodes):
-        keys = [("layout-rank0", k) for s in range(node, indexed_sessions, args.nodes)
-                for k in pool_key_ids(pool_keys(contexts[s], bs, namespace)).tolist()]
-        core.pool.update(f"node-{node}", 0, keys, [])
+        ids = np.concatenate([pool_key_ids(pool_keys(contexts[s], bs, namespace))
+                              for s in range(node, indexed_sessions, args.nodes)])
+        core.pool.update(f"node-{node}", 0, {"layout-rank0": ids}, {})
     rng_load = np.random.default_rng(1)
     for i, r in enumerate(replicas):  # some queued work everywhere, so the cost rule has something to weigh
         core.book.charge(f"queued-{i}", r, int(rng_load.integers(0, 20_000)), 0)

@@ -91,8 +91,8 @@ class NodePool:
         self.budgets = {"host": host_bytes, "disk": disk_bytes}
         self.block_bytes, self.ttl = block_bytes, session_ttl_s
         self.files: dict[int, BlockFile] = {}
-        self.added: list[tuple[str, int]] = []
-        self.removed: list[tuple[str, int]] = []
+        self.added: list[int] = []
+        self.removed: list[int] = []
         self.seq = -1  # the next report is a full one (seq 0)
 
     def put(self, hashes: list[int], now: float) -> int:
@@ -101,7 +101,7 @@ class NodePool:
         for h in hashes:
             if h not in self.files:
                 self.files[h] = BlockFile(h, "host", None, self.block_bytes, now)
-                self.added.append(("sim", h))
+                self.added.append(h)
                 n += 1
         return n * self.block_bytes
 
@@ -137,16 +137,16 @@ class NodePool:
                     demoted += 1
                 else:
                     del self.files[f.key]
-                    self.removed.append(("sim", f.key))
+                    self.removed.append(f.key)
                     evicted += 1
         return demoted, evicted
 
-    def report(self) -> tuple[int, list, list]:
+    def report(self) -> tuple[int, dict[str, list[int]], dict[str, list[int]]]:
+        """What PoolView.update takes: the blocks that arrived and left since the last report, by layout."""
         self.seq += 1
-        added, removed = (sorted(("sim", h) for h in self.files), []) if self.seq == 0 else (self.added,
-                                                                                            self.removed)
+        added, removed = (list(self.files), []) if self.seq == 0 else (self.added, self.removed)
         self.added, self.removed = [], []
-        return self.seq, added, removed
+        return self.seq, {"sim": added}, {"sim": removed}
 
 
 class PrivateTier:
