@@ -55,9 +55,11 @@ class _Frame:
     checksum (fixed-width), so pyarrow writes them once, around a zero payload with marker values, and every
     block reuses them: the payload never passes through pyarrow (whose writer costs a copy), a writer can hash it
     chunk by chunk before the checksum is written, and a reader finds it at a known offset and checks the header
-    by comparing bytes instead of parsing it."""
+    by comparing bytes instead of parsing it (a file with any other frame is parsed: PoolStore.read_into)."""
 
     def __init__(self, payload_len: int, key_len: int):
+        if payload_len <= 0:
+            raise ValueError("a block has at least one byte")
         # Marker values: "~" and "^" are in no hex key or checksum and in none of the schema's names.
         self._key, self._sum = b"~" * key_len, b"^" * 16
         buf = pa.py_buffer(bytes(payload_len))
@@ -72,9 +74,15 @@ class _Frame:
         self.offset, self.size = data.address - raw.address, raw.size  # where the payload starts; the file size
         raw = raw.to_pybytes()
         self.head, self.tail = raw[:self.offset], raw[self.offset + payload_len:]
+        # Each value is in the header and again in the footer; a marker found anywhere else (a short key's run of
+        # "~" matching a length byte) would be replaced too.
+        if (self.head + self.tail).count(self._key) != 2 or (self.head + self.tail).count(self._sum) != 2:
+            raise ValueError(f"no block frame for {key_len}-byte keys")
         self._sum_at = self.head.index(self._sum)
 
     def _filled(self, part: bytes, key: bytes, checksum: bytes) -> bytes:
+        if b"~" in key or b"^" in key:
+            raise ValueError(f"a pool key with a marker character: {key!r}")
         return part.replace(self._key, key).replace(self._sum, checksum)
 
     def fill(self, key: str, checksum: int) -> tuple[bytes, bytes]:
@@ -116,7 +124,8 @@ def _chunks(views: Sequence[memoryview]) -> list[tuple[list[memoryview], int]]:
             if run:
                 runs.append((run, size))
                 run, size = [], 0
-            runs.extend(([v[i:i + CHUNK_BYTES]], min(CHUNK_BYTES, n - i)) for i in range(0, n, CHUNK_BYTES))
+            b = v.cast("B") if v.format != "B" or v.ndim != 1 else v  # slices count bytes, not items
+            runs.extend(([b[i:i + CHUNK_BYTES]], min(CHUNK_BYTES, n - i)) for i in range(0, n, CHUNK_BYTES))
             continue
         run.append(v)
         size += n
@@ -133,6 +142,17 @@ def _moved(n: int, expected: int) -> int:
     if n != expected:
         raise OSError(f"short transfer: {n} of {expected} bytes")
     return n
+
+
+def _verified(raw: bytes, key: str) -> pa.Buffer | None:
+    """The payload of a block file's bytes if they are a whole, sound block of `key`, parsed as Arrow."""
+    try:
+        reader = pa.ipc.open_file(pa.py_buffer(raw))
+        meta, data = reader.schema.metadata, reader.get_batch(0).column(0).buffers()[2]
+        sound = meta[b"key"] == key.encode() and int(meta[b"xxh3"], 16) == xxhash.xxh3_64_intdigest(data)
+    except (pa.ArrowException, KeyError, ValueError, IndexError, TypeError):
+        return None
+    return data if sound else None
 
 
 @dataclass
@@ -213,10 +233,10 @@ class PoolStore:
         target = self._path("host", key)
         if target.exists():
             return True
-        chunks = _chunks(_byte_views(data))
-        frame = _frame(sum(size for _, size in chunks), len(key.encode()))
         tmp = self._tmp(target)
         try:
+            chunks = _chunks(_byte_views(data))
+            frame = _frame(sum(size for _, size in chunks), len(key.encode()))
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 # At its full size from the start, so a tmpfs mounted huge=within_size backs it with large pages.
@@ -237,7 +257,7 @@ class PoolStore:
             os.utime(tmp, (now if live else 0, now))  # atime 0: not reused yet
             os.replace(tmp, target)
             return True
-        except OSError as e:
+        except (OSError, ValueError, TypeError) as e:  # a full tier; a block this store cannot frame
             tmp.unlink(missing_ok=True)
             logger.warning("pool block %s not written: %s", key, e)
             return False
@@ -294,8 +314,8 @@ class PoolStore:
     def read_into(self, key: str, dst: Sequence[memoryview]) -> bool:
         """Read a block straight into `dst` (the destination's contiguous pieces, in order: on CPU the KV cache's
         own memory), with no staging copy, a chunk at a time, each chunk hashed while it is still in cache; then
-        its key and checksum verified. False if the block is missing, of another size, or corrupt; `dst` then
-        holds garbage, which the engine recomputes over."""
+        its checksum verified. False if the block is missing, of another size, or corrupt (then removed); `dst`
+        then holds garbage, which the engine recomputes over."""
         opened = self._open(key)
         if opened is None:
             return False
@@ -304,36 +324,56 @@ class PoolStore:
             try:
                 chunks = _chunks(dst)
                 frame = _frame(sum(size for _, size in chunks), len(key.encode()))
-                if os.fstat(fd).st_size != frame.size:
-                    return False  # another layout's block, or a short file
-                head = os.pread(fd, frame.offset, 0)
-                h, pos = xxhash.xxh3_64(), frame.offset
-                for chunk, size in chunks:
-                    pos += _moved(os.preadv(fd, chunk, pos), size)
-                    for v in chunk:
-                        h.update(v)
+                head = os.pread(fd, frame.offset, 0) if os.fstat(fd).st_size == frame.size else b""
+                expected = frame.checksum(head, key)
+                if expected is not None:
+                    h, pos = xxhash.xxh3_64(), frame.offset
+                    for chunk, size in chunks:
+                        pos += _moved(os.preadv(fd, chunk, pos), size)
+                        for v in chunk:
+                            h.update(v)
             finally:
                 os.close(fd)
-            if h.intdigest() != frame.checksum(head, key):
-                # Corrupt: never served again, and a correct copy can take its place (writers skip existing keys).
-                path.unlink(missing_ok=True)
-                logger.warning("pool block %s is corrupt: removed", key)
-                return False
+            if expected is None:
+                # Not the file this process writes for this key and size: another pyarrow's layout, a block of
+                # another size, or damage. Rare: parsed as Arrow, whole.
+                return self._read_parsed(path, key, dst)
+            if h.intdigest() != expected:
+                return self._corrupt(path, key)
             os.utime(path)  # a load is a use
             return True
         except (OSError, pa.ArrowException, KeyError, ValueError, IndexError):
             return False
 
+    def _read_parsed(self, path: Path, key: str, dst: Sequence[memoryview]) -> bool:
+        payload = _verified(path.read_bytes(), key)
+        if payload is None:
+            return self._corrupt(path, key)
+        if payload.size != sum(v.nbytes for v in dst):
+            return False  # a sound block of another size (another layout's): kept
+        src, pos = memoryview(payload).cast("B"), 0
+        for v in dst:
+            piece = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+            piece[:] = src[pos:pos + piece.nbytes]
+            pos += piece.nbytes
+        os.utime(path)
+        return True
+
+    @staticmethod
+    def _corrupt(path: Path, key: str) -> bool:
+        # Never served again, and a correct copy can take its place (writers skip existing keys).
+        path.unlink(missing_ok=True)
+        logger.warning("pool block %s is corrupt: removed", key)
+        return False
+
     def get(self, key: str) -> bytes | None:
         """A block's verified bytes, parsed as Arrow (tools and tests; engines use read_blocks_into)."""
         path = self.find(key)
         try:
-            reader = pa.ipc.open_file(pa.py_buffer(path.read_bytes()))  # type: ignore[union-attr]
-            meta, data = reader.schema.metadata, reader.get_batch(0).column(0).buffers()[2]
-            ok = meta[b"key"] == key.encode() and int(meta[b"xxh3"], 16) == xxhash.xxh3_64_intdigest(data)
-        except (AttributeError, OSError, pa.ArrowException, KeyError, ValueError, IndexError):
+            payload = _verified(path.read_bytes(), key) if path else None
+        except OSError:
             return None
-        return data.to_pybytes() if ok else None
+        return payload.to_pybytes() if payload is not None else None
 
     def read_blocks_into(self, keys: Sequence[str], dst: Callable[[int], Sequence[memoryview]]) -> int:
         """Read `keys` in parallel reader threads, block i into dst(i) (file reads and hashing release the GIL).

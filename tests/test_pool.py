@@ -250,8 +250,9 @@ def test_block_file_is_the_arrow_file_pyarrow_writes(tmp_path):
 
 
 def test_block_file_header_is_checked(tmp_path):
-    """A header that is not the one put writes for this key and size (another key's file, a damaged checksum)
-    reads as a miss: the engine recomputes, it never loads those bytes."""
+    """A file that is not the one put writes for this key and size loads only if Arrow parses it as a sound block
+    of this key (the footer holds the key and checksum again): another key's file, or a checksum that disagrees
+    with the payload, is a miss and is removed, so a good copy can take its place."""
     import xxhash
 
     store = PoolStore(tmp_path / "h", tmp_path / "d", "layout")
@@ -261,13 +262,53 @@ def test_block_file_header_is_checked(tmp_path):
     store.put(a, payload)
     store.put(b, payload)
     store.find(a).write_bytes(store.find(b).read_bytes())  # b's block under a's name: same payload, other key
-    assert not store.read_into(a, [out])
+    assert not store.read_into(a, [out]) and store.find(a) is None
     checksum = f"{xxhash.xxh3_64_intdigest(payload):016x}".encode()
     good = store.find(b).read_bytes()
-    at = good.index(checksum)  # in the header (the footer holds it again)
-    for digit in (b"g", b"0" if checksum[:1] != b"0" else b"1"):  # not a hex digit; another checksum
+    head, foot = good.index(checksum), good.rindex(checksum)
+    other = b"0" if checksum[:1] != b"0" else b"1"
+
+    def damaged(*edits: tuple[int, bytes]) -> bool:
+        """Whether b still loads (with the right bytes) from its file with these bytes replaced."""
         store.put(b, payload)
-        store.find(b).write_bytes(good[:at] + digit + good[at + 1:])
-        assert not store.read_into(b, [out]) and store.find(b) is None  # removed: a good copy can take its place
+        raw = bytearray(good)
+        for at, digit in edits:
+            raw[at:at + 1] = digit
+        store.find(b).write_bytes(bytes(raw))
+        out[:] = bytes(len(payload))
+        return store.read_into(b, [out]) and bytes(out) == payload
+
+    assert damaged((head, b"g"))  # the header's copy unreadable: parsed, and the footer's copy is sound
+    assert not damaged((head, other)) and store.find(b) is None  # the header's checksum disagrees: removed
+    assert not damaged((head, b"g"), (foot, b"g")) and store.find(b) is None  # no sound copy: removed
+    assert not damaged((len(good) // 2, b"\x00" if good[len(good) // 2] else b"\x01")) and store.find(b) is None
     store.put(b, payload)
     assert store.read_into(b, [out]) and bytes(out) == payload
+
+
+def test_block_files_this_process_would_not_write_are_parsed(tmp_path):
+    """The fast path knows only the frame this pyarrow writes for this key and size; anything else is parsed as
+    Arrow: a sound block in another layout of the file (another pyarrow's, here an extra metadata entry) loads, a
+    sound block of another size is a miss and is kept, and a block that cannot be framed is not written."""
+    import numpy as np
+    import pyarrow as pa
+    import xxhash
+
+    from kvpool.pool_store import CHUNK_BYTES
+
+    store = PoolStore(tmp_path / "h", tmp_path / "d", "layout")
+    data = np.random.default_rng(3).random(CHUNK_BYTES // 2, dtype=np.float32)  # 2 chunks' bytes: split
+    key = "c3" * 16
+    buf = pa.py_buffer(data)
+    values = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), 1, [None, pa.array([0, buf.size], pa.int64()).buffers()[1], buf])
+    schema = pa.schema([pa.field("kv", pa.large_binary())],
+                       metadata={"xxh3": f"{xxhash.xxh3_64_intdigest(buf):016x}", "key": key, "writer": "other"})
+    with pa.OSFile(str(store.tiers["host"] / f"{key}.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        w.write_batch(pa.record_batch([values], schema=schema))
+    out = np.zeros_like(data)
+    assert store.read_into(key, [memoryview(out)]) and np.array_equal(out, data)  # float32 items, not bytes
+    assert store.put("d4" * 16, b"\x05")
+    assert not store.read_into("d4" * 16, [memoryview(bytearray(7))]) and store.contains("d4" * 16)
+    assert not store.put("e5" * 16, b"") and not store.put("~", b"x") and not store.contains("~")
+    assert store.put("f6" * 16, data) and store.read_into("f6" * 16, [memoryview(out)])

@@ -65,13 +65,18 @@ def run(args) -> dict:
 
             def copy_in(i: int, flags: int) -> None:
                 fd = os.open(raw[i], os.O_WRONLY | flags, 0o644)
-                os.pwritev(fd, block_pieces[i], 0)
+                os.ftruncate(fd, block_bytes)  # as put sizes its files (large folios where the tmpfs has them)
+                moved = os.pwritev(fd, block_pieces[i], 0)
                 os.close(fd)
+                if moved != block_bytes:
+                    raise RuntimeError("short write")
 
             def copy_out(i: int) -> None:
                 fd = os.open(raw[i], os.O_RDONLY)
-                os.preadv(fd, views[i], 0)
+                moved = os.preadv(fd, views[i], 0)
                 os.close(fd)
+                if moved != block_bytes:
+                    raise RuntimeError("short read")
 
             def memcpy() -> None:
                 for i, b in enumerate(blocks):
