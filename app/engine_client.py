@@ -177,27 +177,35 @@ class RoutedEngineClient(EngineClient):
                                         reasoning_parser_kwargs=reasoning_parser_kwargs).items() if v}
         if dispatch.retain and self.cfg.pool_enabled:  # read by the pool's connector in the engine
             sampling_params.extra_args = {**(sampling_params.extra_args or {}), RETAIN_ARG: True}
-        try:
-            for attempt in range(1 + self.cfg.engine_retries):
-                rid = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
-                gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=sampling_params,
-                                      cache_salt=salt, generate_kwargs=kwargs)
+        for attempt in range(1 + self.cfg.engine_retries):
+            rid = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
+            gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=sampling_params,
+                                  cache_salt=salt, generate_kwargs=kwargs)
+            answered = False
+            try:
+                served_by, outputs = await self._dispatch(gen, dispatch)
+                dispatch.replica = served_by
                 try:
-                    served_by, outputs = await self._dispatch(gen, dispatch)
-                    break
-                except _ReplicaLost as e:
-                    logger.warning("request %s lost its replica (%s): attempt %d", rid, e, attempt + 1)
-            else:
-                raise ServingError(503, "engine replicas failed while serving this request", "ServiceUnavailable",
-                                   self.cfg.retry_after_s)
-        except ServingError as e:
-            dispatch.error = e
-            raise
-        dispatch.replica = served_by
-        async for out in outputs:
-            if out is not None:
-                out.prompt_token_ids = ids
-                yield out
+                    async for out in outputs:
+                        if out is not None:
+                            out.prompt_token_ids = ids
+                            answered = True
+                            yield out
+                except _REPLICA_LOST as e:
+                    # Lost before any of the answer went out (a non-streaming request's only output is its last):
+                    # it can start again elsewhere. Mid-answer, the caller has tokens: it gets the error.
+                    if answered:
+                        raise
+                    raise _ReplicaLost(type(e).__name__) from None
+                return
+            except _ReplicaLost as e:
+                logger.warning("request %s lost its replica (%s): attempt %d", rid, e, attempt + 1)
+            except ServingError as e:
+                dispatch.error = e
+                raise
+        dispatch.error = ServingError(503, "engine replicas failed while serving this request", "ServiceUnavailable",
+                                      self.cfg.retry_after_s)
+        raise dispatch.error
 
     async def _dispatch(self, gen: GenerateRequest, dispatch: Dispatch):
         """Route, fetch pool blocks the chosen node lacks, send to the replica; returns the serving replica and its
