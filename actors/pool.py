@@ -48,13 +48,13 @@ def get_or_create_shard(cfg: KVPoolConfig, app_name: str, node_id: str | None = 
     ).remote(cfg, app_name)
 
 
-
 def report_ids(blocks: Iterable[tuple[str, str]]) -> dict[str, np.ndarray]:
     """(layout, pool key) blocks as the router takes them (PoolView.update): layout -> an array of pool-key ids."""
     keys: dict[str, list[str]] = {}
     for layout, key in blocks:
         keys.setdefault(layout, []).append(key)
     return {layout: pool_key_ids(k) for layout, k in keys.items()}
+
 
 class PoolShard:
     def __init__(self, cfg: KVPoolConfig, app_name: str = "", period_s: float = 0.5):

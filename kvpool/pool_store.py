@@ -106,10 +106,15 @@ def _frame(payload_len: int, key_len: int) -> _Frame:
     return _Frame(payload_len, key_len)
 
 
+def _as_bytes(v: memoryview) -> memoryview:
+    """`v` as a flat view of bytes, so slices and lengths count bytes, not items."""
+    return v if v.format == "B" and v.ndim == 1 else v.cast("B")
+
+
 def _byte_views(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
     if isinstance(data, (bytes, bytearray, memoryview, np.ndarray)):
         data = [data]
-    return [memoryview(d).cast("B") for d in data]
+    return [_as_bytes(memoryview(d)) for d in data]
 
 
 def _chunks(views: Sequence[memoryview]) -> list[tuple[list[memoryview], int]]:
@@ -124,7 +129,7 @@ def _chunks(views: Sequence[memoryview]) -> list[tuple[list[memoryview], int]]:
             if run:
                 runs.append((run, size))
                 run, size = [], 0
-            b = v.cast("B") if v.format != "B" or v.ndim != 1 else v  # slices count bytes, not items
+            b = _as_bytes(v)
             runs.extend(([b[i:i + CHUNK_BYTES]], min(CHUNK_BYTES, n - i)) for i in range(0, n, CHUNK_BYTES))
             continue
         run.append(v)
@@ -351,9 +356,9 @@ class PoolStore:
             return self._corrupt(path, key)
         if payload.size != sum(v.nbytes for v in dst):
             return False  # a sound block of another size (another layout's): kept
-        src, pos = memoryview(payload).cast("B"), 0
+        src, pos = _as_bytes(memoryview(payload)), 0
         for v in dst:
-            piece = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+            piece = _as_bytes(v)
             piece[:] = src[pos:pos + piece.nbytes]
             pos += piece.nbytes
         os.utime(path)
