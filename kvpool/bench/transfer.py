@@ -86,6 +86,11 @@ def run(args) -> dict:
                 if store.read_blocks_into(keys, views.__getitem__) != n:
                     raise RuntimeError("blocks did not read back")
 
+            def same_bytes() -> None:  # outside the timings: what was read is what was written, byte for byte
+                for i, b in enumerate(blocks):
+                    if not np.array_equal(dst[i * block_bytes:(i + 1) * block_bytes], b):
+                        raise RuntimeError(f"block {i} read back different bytes")
+
             def unlink_raw() -> None:
                 for p in raw:
                     if os.path.exists(p):
@@ -98,6 +103,9 @@ def run(args) -> dict:
                 rnd = {
                     "write": _seconds(lambda: [store.put(k, p) for k, p in zip(keys, block_pieces)]),
                     "read": _seconds(lambda: read(keys)),
+                }
+                same_bytes()
+                rnd |= {
                     "memcpy": _seconds(memcpy),
                     "copy_in_new": _seconds(lambda: [copy_in(i, os.O_CREAT) for i in range(n)]),
                     "copy_in_existing": _seconds(lambda: [copy_in(i, 0) for i in range(n)]),
@@ -114,6 +122,7 @@ def run(args) -> dict:
                     out[f"{name}_vs_memcpy"] = round(statistics.median(
                         m / s for m, s in zip(times["memcpy"], times[name])), 3)
             result[f"blocks_{n}"] = out
+        result["read_back_verified"] = True  # every round's read equalled the blocks written, byte for byte
         last = result[f"blocks_{args.batches[-1]}"]
         result.update({k: last[k] for k in ("write_gbps", "read_gbps", "memcpy_gbps", "write_vs_memcpy",
                                             "read_vs_memcpy")})
