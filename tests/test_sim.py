@@ -14,6 +14,7 @@ from kvpool.bench.replay import summarize
 from kvpool.pool_store import BlockFile, eviction_order
 from kvpool.sim.cluster import BlockNamer, Cluster, ClusterSpec, NodePool, Workload
 from kvpool.sim.costs import profile
+from kvpool.sim.engine import EngineListener, SimEngine, SimRequest
 from kvpool.sim.policies import POLICIES
 from kvpool.sim.workload import load
 
@@ -130,3 +131,35 @@ def test_simulate_prints_one_json_line_with_every_policy():
         assert 0 <= r["hit_rate"] <= r["bound_hit_rate"] <= 1 and r["requests"] > 0
     assert [(r["policy"], r["gpus"]) for r in out["sweep"]] == [("p2c", 8), ("p2c", 16), ("kvpool", 8), ("kvpool", 16)]
     assert out["gpus_needed"]["kvpool"] == 8  # a lax SLO: the smallest cluster holds it
+
+
+def test_an_engine_out_of_blocks_preempts_its_newest_request_as_vllm_does():
+    """Blocks are allocated as tokens are scheduled (vLLM v1): two prompts that fit are admitted together, and when
+    their answers outgrow the KV the newer one gives its blocks back, waits, and is computed again; its full
+    prompt blocks stayed cached, and its first token is not sent twice."""
+    class Listener(EngineListener):
+        firsts, done = [], []
+
+        def first_token(self, engine, req):
+            self.firsts.append(req.rid)
+
+        def finished(self, engine, req):
+            self.done.append(req.rid)
+
+    listener = Listener()
+    engine = SimEngine("r0", "n0", profile("cpu", "smollm2-135m", kv_tokens=40), 4, listener,
+                       max_num_batched_tokens=64)  # 10 blocks of 4 tokens
+    old, new = (SimRequest(f"q{i}", "s", 0, [100 * i + j for j in range(3)], 16, 12, 0.0) for i in range(2))
+    for req in (old, new):
+        engine.submit(req, 0.0)
+    admitted_together = False
+    while engine.next_event_s() is not None:
+        engine.advance()
+        admitted_together |= len(engine.running) == 2
+        assert engine.held == sum(r.blocks_held for r in engine.running)
+        assert engine.held + len(engine.refs) + len(engine.free) <= engine.capacity
+    assert admitted_together  # each 16-token prompt fits on its own: its answer's blocks are not reserved up front
+    assert engine.preemptions == new.preemptions == 1 and old.preemptions == 0
+    assert listener.done == ["q0", "q1"] and listener.firsts == ["q0", "q1"]
+    assert new.first_token_at < old.finished_at < new.finished_at  # it had answered before it was preempted
+    assert new.cached_tokens == 0  # reported as its first admission found it (vLLM's num_cached_tokens)

@@ -53,6 +53,7 @@ def simulate_one(args, sessions, policy: str, nodes: int, kv_tokens: int | None,
             "gpu_busy_share": round(out.busy_s / (out.makespan_s * nodes * spec.replicas_per_node), 3)
             if out.makespan_s else None,
             "bytes_moved": out.bytes, "engine_evicted_blocks": out.engine_evicted_blocks,
+            "engine_preemptions": out.engine_preemptions,
             "route_reasons": out.decisions, "sim_cpu_s": round(time.process_time() - t0, 1)}, out.records
 
 

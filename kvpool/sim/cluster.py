@@ -218,6 +218,7 @@ class Outcome:
     bytes: dict = field(default_factory=lambda: {"pool_host_to_engine": 0, "pool_disk_to_engine": 0,
                                                   "pool_writes": 0, "node_links": 0})
     engine_evicted_blocks: int = 0
+    engine_preemptions: int = 0  # running requests preempted for want of blocks (vLLM's num_preemptions)
     busy_s: float = 0.0
     makespan_s: float = 0.0  # the duration, or for a fixed workload the time its last request finished
     decisions: dict = field(default_factory=dict)
@@ -426,6 +427,7 @@ class Cluster(EngineListener):
                 if self._sessions:
                     self._push(t + self.spec.pool_period_s, "maintain", None)
         self.out.engine_evicted_blocks = sum(e.evicted_blocks for e in self.engines.values())
+        self.out.engine_preemptions = sum(e.preemptions for e in self.engines.values())
         self.out.makespan_s = self.duration if self.workload.duration_s else self._last_finish
         self.out.busy_s = sum(min(e.busy_s, self.out.makespan_s) for e in self.engines.values())
         return self.out

@@ -2,11 +2,15 @@
 
 Memory is vLLM's block pool: cached blocks are referenced by running requests or sit free in LRU order (a request
 frees its blocks last-first, so a chain's tail goes before its head, as in vLLM's FreeKVCacheBlockQueue); a new
-block takes an unused one, else evicts the least recently used free one. A waiting request is admitted, first come
-first served, when its blocks fit (prompt + output, less its cache hit) and fewer than `max_num_seqs` run; nothing
-is preempted. Each step decodes one token for every decoding request and fills the rest of `max_num_batched_tokens`
-with prefill, oldest first (chunked prefill). Steps with the same make-up run as one macro-step; a request arriving
-mid-way cuts it at the next step boundary, so admission happens when it would in the engine.
+block takes an unused one, else evicts the least recently used free one. As in vLLM v1's scheduler
+(vllm/v1/core/sched/scheduler.py), blocks are allocated as tokens are scheduled, not for a whole request up front:
+a waiting request is admitted, first come first served, when its first chunk's blocks fit and fewer than
+`max_num_seqs` run; when a running request's next tokens do not fit, the newest running request is preempted (its
+blocks are freed, its full blocks stay cached, and it waits first in line to be computed again). Each step decodes
+one token for every decoding request and fills the rest of `max_num_batched_tokens` with prefill, oldest first
+(chunked prefill); a chunk's full blocks join the prefix cache as it completes. Steps with the same make-up run as
+one macro-step; a request arriving mid-way cuts it at the next step boundary, so admission happens when it would in
+the engine.
 
 A replica tells its listener what a real one publishes: the blocks it stored and removed (KV events), a request's
 first token and its end.
@@ -42,7 +46,8 @@ class SimRequest:
     finished_at: float | None = None
     prefill_left: int = 0
     decode_left: int = 0
-    blocks_held: int = 0  # uncached blocks allocated to it (new prompt blocks until stored, output, partial)
+    blocks_held: int = 0  # uncached blocks allocated to it (prompt blocks until stored, output, partial)
+    preemptions: int = 0
     refs: list[int] = field(default_factory=list)  # cached blocks it references
 
 
@@ -80,6 +85,7 @@ class SimEngine:
         self._plan: tuple[float, float, int, list[SimRequest], list[tuple[SimRequest, int]]] | None = None
         self.busy_s = 0.0
         self.evicted_blocks = 0
+        self.preemptions = 0
 
     # --- the cluster's calls ----------------------------------------------------------------------------------
 
@@ -124,8 +130,7 @@ class SimEngine:
 
     def _allocate(self, n: int) -> None:
         """Make room for `n` new blocks (the caller checked they fit): unused ones first, then the LRU free ones."""
-        unused = self.capacity - self.held - len(self.refs) - len(self.free)
-        evict = n - unused
+        evict = n - self._unused()
         if evict > 0:
             gone = [self.free.popitem(last=False)[0] for _ in range(evict)]
             self.evicted_blocks += evict
@@ -151,14 +156,16 @@ class SimEngine:
         bs = self.block_size
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if math.ceil((req.prompt_tokens + req.max_tokens) / bs) > self.capacity:
+                raise ValueError(f"a request of {req.prompt_tokens + req.max_tokens} tokens cannot fit "
+                                 f"{self.capacity} blocks of KV")
             hit = self._hit_blocks(req)
             loaded, load_s = self.pool_hits(self, req, hit) if self.pool_hits else (0, 0.0)
-            total = math.ceil((req.prompt_tokens + req.max_tokens) / bs)
-            need = total - hit
+            # Blocks for what is cached, loaded and its first chunk (vLLM allocates for the tokens it schedules).
+            cached = (hit + loaded) * bs
+            need = math.ceil(min(req.prompt_tokens, cached + self.budget) / bs) - hit
             evictable = len(self.free) - sum(1 for h in req.hashes[:hit] if h in self.free)
-            if need > self.capacity - self.held - len(self.refs) - len(self.free) + evictable:
-                if not self.running and need > self.capacity:
-                    raise ValueError(f"a request of {total} blocks cannot fit {self.capacity} blocks of KV")
+            if need > self._unused() + evictable:
                 return
             self.waiting.popleft()
             for h in req.hashes[:hit]:
@@ -167,12 +174,26 @@ class SimEngine:
             self._allocate(need)
             req.blocks_held = need
             if loaded:  # loaded blocks are cached at once (their KV is complete)
-                new = req.hashes[hit:hit + loaded]
-                self._store(req, new)
-            req.cached_tokens, req.loaded_tokens, req.load_s = hit * bs, loaded * bs, load_s
-            req.prefill_left = req.prompt_tokens - (hit + loaded) * bs
-            req.decode_left = req.max_tokens
+                self._store(req, req.hashes[hit:hit + loaded])
+            req.load_s = load_s
+            if not req.preemptions:  # what the request is reported to have found cached: its first admission's
+                req.cached_tokens, req.loaded_tokens = hit * bs, loaded * bs  # (vLLM's num_cached_tokens)
+            req.prefill_left = req.prompt_tokens - cached
+            if req.first_token_at is None:
+                req.decode_left = req.max_tokens
             self.running.append(req)
+
+    def _unused(self) -> int:
+        return self.capacity - self.held - len(self.refs) - len(self.free)
+
+    def _preempt(self, req: SimRequest) -> None:
+        """Out of blocks: `req` (the newest running request) gives its blocks back and waits first in line; its
+        full blocks stay cached. Its answer so far is kept; its prompt is computed (or loaded) again."""
+        self.running.remove(req)
+        self._release(req)
+        req.prefill_left, req.preemptions = req.prompt_tokens, req.preemptions + 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
 
     def _store(self, req: SimRequest, hashes: list[int]) -> None:
         """The request's blocks `hashes` are full and computed (or loaded): they join the prefix cache."""
@@ -201,26 +222,24 @@ class SimEngine:
     # --- steps ------------------------------------------------------------------------------------------------
 
     def _make_plan(self) -> None:
-        decodes = [r for r in self.running if r.prefill_left == 0]
-        prefilling = [r for r in self.running if r.prefill_left > 0]
-        if not decodes and not prefilling:
-            self._plan = None
-            return
-        budget = max(0, self.budget - len(decodes))
-        prefills: list[tuple[SimRequest, int]] = []
-        for r in prefilling:
-            if budget <= 0:
+        while True:
+            plan = self._schedule_steps()
+            if plan is None:
+                self._plan = None
+                return
+            k, decodes, prefills = plan
+            grow = self._growth(k, decodes, prefills)
+            if sum(n for _, n in grow) <= self._unused() + len(self.free):
                 break
-            chunk = min(r.prefill_left, budget)
-            prefills.append((r, chunk))
-            budget -= chunk
-        # Repeat the step while nothing changes: the first prefill still has more than a chunk left, and no
-        # decode finishes.
-        k = min((r.decode_left for r in decodes), default=math.inf)
-        if prefills:
-            head, chunk = prefills[0]
-            k = min(k, max(1, head.prefill_left // chunk) if len(prefills) == 1 else 1)
-        k = int(max(1, k))
+            if k > 1:  # one step may fit where k do not
+                grow = self._growth(1, decodes, prefills)
+                if sum(n for _, n in grow) <= self._unused() + len(self.free):
+                    k = 1
+                    break
+            self._preempt(self.running[-1])
+        self._allocate(sum(n for _, n in grow))
+        for r, n in grow:
+            r.blocks_held += n
         p_tokens = sum(c for _, c in prefills)
         # Mean context a prefill token attends to, over the k steps (the chunks' offsets grow step by step).
         p_ctx = (sum((r.prompt_tokens - r.prefill_left + c * k / 2) * c for r, c in prefills) / p_tokens
@@ -234,6 +253,36 @@ class SimEngine:
         self.busy_s += stall
         self._plan = (start, step_s, k, decodes, prefills)
 
+    def _schedule_steps(self) -> tuple[int, list[SimRequest], list[tuple[SimRequest, int]]] | None:
+        """What the next steps compute: every decode, then prefill chunks oldest first within the token budget; and
+        how many steps repeat unchanged (the first prefill still has more than a chunk left, no decode finishes)."""
+        decodes = [r for r in self.running if r.prefill_left == 0]
+        prefilling = [r for r in self.running if r.prefill_left > 0]
+        if not decodes and not prefilling:
+            return None
+        budget = max(0, self.budget - len(decodes))
+        prefills: list[tuple[SimRequest, int]] = []
+        for r in prefilling:
+            if budget <= 0:
+                break
+            chunk = min(r.prefill_left, budget)
+            prefills.append((r, chunk))
+            budget -= chunk
+        k = min((r.decode_left for r in decodes), default=math.inf)
+        if prefills:
+            head, chunk = prefills[0]
+            k = min(k, max(1, head.prefill_left // chunk) if len(prefills) == 1 else 1)
+        return int(max(1, k)), decodes, prefills
+
+    def _growth(self, k: int, decodes: list[SimRequest],
+                prefills: list[tuple[SimRequest, int]]) -> list[tuple[SimRequest, int]]:
+        """New blocks each request needs for k more steps: its KV then holds its computed prompt, and each decode
+        step writes the KV of the token it feeds (the prompt plus all but the newest generated token)."""
+        bs = self.block_size
+        tokens = [(r, r.prompt_tokens + r.max_tokens - r.decode_left - 1 + k) for r in decodes]
+        tokens += [(r, r.prompt_tokens - r.prefill_left + chunk * k) for r, chunk in prefills]
+        return [(r, max(0, math.ceil(t / bs) - len(r.refs) - r.blocks_held)) for r, t in tokens]
+
     def _finish_plan(self) -> None:
         start, step_s, k, decodes, prefills = self._plan
         end = start + k * step_s
@@ -244,9 +293,10 @@ class SimEngine:
             r.decode_left -= k
         for r, chunk in prefills:
             r.prefill_left -= chunk * k
-            if r.prefill_left == 0:  # its last chunk samples the first token
-                done_blocks = len(r.refs)
-                self._store(r, r.hashes[done_blocks:])
+            # The chunk's full blocks join the prefix cache (r.refs: the prompt's leading blocks held so far).
+            computed = min(len(r.hashes), (r.prompt_tokens - r.prefill_left) // self.block_size)
+            self._store(r, r.hashes[len(r.refs):computed])
+            if r.prefill_left == 0 and r.first_token_at is None:  # its last chunk samples the first token
                 r.first_token_at = end
                 r.decode_left -= 1
                 self.listener.first_token(self, r)
