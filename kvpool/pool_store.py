@@ -21,6 +21,7 @@ some session came back to is told apart from a one-off prompt's.
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import os
 import time
@@ -160,7 +161,7 @@ def _verified(raw: bytes, key: str) -> pa.Buffer | None:
     return data if sound else None
 
 
-@dataclass
+@dataclass(slots=True)
 class BlockFile:
     key: str
     tier: str  # "host" or "disk"
@@ -170,25 +171,32 @@ class BlockFile:
     reused: bool = False  # used again after it was written
 
 
-def eviction_order(files: Iterable[BlockFile], now: float, session_ttl_s: float) -> list[BlockFile]:
+def eviction_order(files: Iterable[BlockFile], now: float, session_ttl_s: float,
+                   first: int | None = None) -> list[BlockFile]:
     """Who leaves first: blocks of idle sessions and one-off prompts (not reused within the TTL), then blocks of
-    live sessions (reused within it); least recently used first within each group."""
+    live sessions (reused within it); least recently used first within each group. `first`: only the first that
+    many of that order (found without ordering the rest)."""
     idle, live = [], []
     for f in files:
         (live if f.reused and now - f.last_used <= session_ttl_s else idle).append(f)
-    by_use = attrgetter("last_used")  # a pass sorts every block of a tier: no per-block key function
-    idle.sort(key=by_use)
-    live.sort(key=by_use)
-    return idle + live
+    by_use = attrgetter("last_used")  # a pass orders every block of a tier: no per-block key function
+    if first is None or first >= len(idle) + len(live):
+        return sorted(idle, key=by_use) + sorted(live, key=by_use)
+    if first <= len(idle):  # (nsmallest is sorted()[:n], ties in the same order)
+        return heapq.nsmallest(first, idle, key=by_use)
+    return sorted(idle, key=by_use) + heapq.nsmallest(first - len(idle), live, key=by_use)
 
 
 def to_move_out(files: Sequence[BlockFile], budget: int, now: float, session_ttl_s: float) -> list[BlockFile]:
     """The blocks of one tier that must leave it (in eviction order) for it to fit `budget` bytes."""
-    size = sum(f.size for f in files)
+    sizes = [f.size for f in files]
+    size = sum(sizes)
     out: list[BlockFile] = []
     if size <= budget:
         return out
-    for f in eviction_order(files, now, session_ttl_s):
+    # A pass usually moves a few of a tier's blocks: at most the excess over the smallest block's size.
+    most = -(-(size - budget) // max(1, min(sizes)))
+    for f in eviction_order(files, now, session_ttl_s, first=most):
         if size <= budget:
             break
         size -= f.size

@@ -194,6 +194,29 @@ def test_eviction_order():
         ["idle", "oneoff-new", "live-old", "live-new"]
 
 
+def test_a_tier_over_budget_sheds_the_head_of_the_eviction_order():
+    """to_move_out finds the first blocks of eviction_order without ordering the rest: the same blocks, in the
+    same order, ties (blocks last used at the same time) included, whatever their sizes."""
+    import random
+
+    from kvpool.pool_store import BlockFile, eviction_order, to_move_out
+
+    rng = random.Random(3)
+    files = [BlockFile(f"k{i}", "host", Path(f"k{i}"), rng.choice([100, 150, 400]), float(rng.randrange(50)),
+                       rng.random() < 0.5) for i in range(2000)]
+    total, now = sum(f.size for f in files), 60.0
+    whole = eviction_order(files, now, session_ttl_s=30)
+    for excess in (1, 99, 5_000, total // 2, total - 1):  # within the idle blocks, and reaching the live ones
+        out, size = [], total
+        for f in whole:
+            if size <= total - excess:
+                break
+            size -= f.size
+            out.append(f.key)
+        assert [f.key for f in to_move_out(files, total - excess, now, 30)] == out
+    assert to_move_out(files, total, now, 30) == []
+
+
 def test_store_round_trip_and_keys(tmp_path):
     store = PoolStore(tmp_path / "h", tmp_path / "d", "layout")
     store.put("ab" * 16, b"\x01\x02\x03\x04" * 100)
