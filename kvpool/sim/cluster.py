@@ -26,7 +26,7 @@ from kvpool.events import BlockRemoved, BlockStored
 from kvpool.pool_store import BlockFile, to_move_out
 from kvpool.routing import Decision
 from kvpool.sim.costs import StepCosts
-from kvpool.sim.engine import EngineListener, SimEngine, SimRequest
+from kvpool.sim.engine import EngineListener, PoolTiers, SimEngine, SimRequest
 from kvpool.sim.policies import make_policy, router_core
 from kvpool.sim.workload import SimSession
 
@@ -105,22 +105,24 @@ class NodePool:
                 n += 1
         return n * self.block_bytes
 
-    def leading(self, hashes: list[int], start: int) -> tuple[int, int]:
-        """Blocks held from `start` on, and how many of them are on disk."""
-        n = disk = 0
+    def leading(self, hashes: list[int], start: int) -> int:
+        """Blocks held from `start` on."""
+        n, files = 0, self.files
         for h in hashes[start:]:
-            f = self.files.get(h)
-            if f is None:
+            if h not in files:
                 break
             n += 1
-            disk += f.tier == "disk"
-        return n, disk
+        return n
 
-    def touch(self, hashes: list[int], now: float) -> None:
+    def touch(self, hashes: list[int], now: float) -> int:
+        """These blocks were used now; returns how many of them are on disk."""
+        disk, get = 0, self.files.get
         for h in hashes:
-            f = self.files.get(h)
+            f = get(h)
             if f is not None:
                 f.last_used, f.reused = now, True
+                disk += f.tier == "disk"
+        return disk
 
     def maintain(self, now: float) -> tuple[int, int]:
         """The shard's pass: host blocks over budget go to disk (if it has a budget), disk blocks over budget are
@@ -130,7 +132,12 @@ class NodePool:
         if held <= self.budgets["host"]:  # both tiers fit: nothing to sort
             return demoted, evicted
         for tier in ("host", "disk"):
-            in_tier = [f for f in self.files.values() if f.tier == tier]
+            if not self.budgets["disk"]:  # every block is on the host tier
+                if tier == "disk":
+                    break
+                in_tier = list(self.files.values())
+            else:
+                in_tier = [f for f in self.files.values() if f.tier == tier]
             for f in to_move_out(in_tier, self.budgets[tier], now, self.ttl):
                 if tier == "host" and self.budgets["disk"] > 0:
                     f.tier = "disk"
@@ -172,9 +179,44 @@ class PrivateTier:
         for h in hashes[start:]:
             if h not in self.blocks:
                 break
-            self.blocks.move_to_end(h)
             n += 1
         return n
+
+    def touch(self, hashes: list[int]) -> None:
+        for h in hashes:
+            self.blocks.move_to_end(h)
+
+
+class SharedTiers(PoolTiers):
+    """KV-Pool's connector: the engine's node pool (host, then disk tier) behind every replica of the node."""
+
+    def __init__(self, cluster: "Cluster"):
+        self.cluster = cluster
+
+    def lookup(self, engine, req, hit):
+        pool = self.cluster.pools[engine.node]
+        if not req.pool_touched:  # the session is live: its pooled prefix is kept ahead of idle ones, even where the
+            pool.touch(req.hashes, self.cluster.now)  # engine's own cache serves it (KVPoolConnector._state)
+            req.pool_touched = True
+        return pool.leading(req.hashes, hit)
+
+    def load(self, engine, req, hit, n):
+        c = self.cluster
+        return c.load(n, c.pools[engine.node].touch(req.hashes[hit:hit + n], c.now))
+
+
+class PrivateTiers(PoolTiers):
+    """LMCache's local CPU backend: a host tier of each replica's own, behind only that replica."""
+
+    def __init__(self, cluster: "Cluster"):
+        self.cluster = cluster
+
+    def lookup(self, engine, req, hit):
+        return self.cluster.private[engine.name].leading(req.hashes, hit)
+
+    def load(self, engine, req, hit, n):
+        self.cluster.private[engine.name].touch(req.hashes[hit:hit + n])
+        return self.cluster.load(n, 0)
 
 
 @dataclass
@@ -240,10 +282,10 @@ class Cluster(EngineListener):
             if self.policy.tier == "shared" else {}
         per_replica = spec.host_bytes_per_node // spec.replicas_per_node // block_bytes
         self.private = {r: PrivateTier(per_replica) for r in self.replicas} if self.policy.tier == "private" else {}
-        pool_hits = self._shared_hits if self.pools else self._private_hits if self.private else None
+        tiers = SharedTiers(self) if self.pools else PrivateTiers(self) if self.private else None
         self.engines = {r: SimEngine(r, self.node_of[r], spec.costs, spec.block_size, self,
                                      spec.max_num_seqs, spec.max_num_batched_tokens, self.policy.prefix_caching,
-                                     pool_hits) for r in self.replicas}
+                                     tiers) for r in self.replicas}
         self.out = Outcome()
         # The longest request an engine takes (prompt + output): its KV must fit, and the model's context.
         self.max_model_len = min(spec.costs.kv_capacity_tokens, spec.max_model_len or spec.costs.kv_capacity_tokens)
@@ -253,24 +295,13 @@ class Cluster(EngineListener):
         self._version = {r: 0 for r in self.replicas}
         self._sessions: dict[str, tuple[SimSession, int]] = {}  # live session -> (its trace, next turn)
 
-    # --- the connector's part: pool tiers behind the engines --------------------------------------------------
-
-    def _load_s(self, blocks: int, disk: int) -> float:
+    def load(self, blocks: int, disk: int) -> float:
+        """Seconds to load `blocks` from a pool into an engine, `disk` of them first read from its disk tier;
+        counted in bytes moved."""
+        self.out.bytes["pool_host_to_engine"] += (blocks - disk) * self.block_bytes
+        self.out.bytes["pool_disk_to_engine"] += disk * self.block_bytes
         c = self.spec.costs
         return blocks * self.block_bytes / c.load_bytes_per_s + disk * self.block_bytes / c.disk_bytes_per_s
-
-    def _shared_hits(self, engine: SimEngine, req: SimRequest, hit: int) -> tuple[int, float]:
-        pool = self.pools[engine.node]
-        n, disk = pool.leading(req.hashes, hit)
-        pool.touch(req.hashes[:hit + n], self.now)
-        self.out.bytes["pool_host_to_engine"] += (n - disk) * self.block_bytes
-        self.out.bytes["pool_disk_to_engine"] += disk * self.block_bytes
-        return n, self._load_s(n, disk)
-
-    def _private_hits(self, engine: SimEngine, req: SimRequest, hit: int) -> tuple[int, float]:
-        n = self.private[engine.name].leading(req.hashes, hit)
-        self.out.bytes["pool_host_to_engine"] += n * self.block_bytes
-        return n, self._load_s(n, 0)
 
     # --- what engines report ----------------------------------------------------------------------------------
 

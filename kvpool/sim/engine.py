@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kvpool.sim.costs import StepCosts
 
@@ -48,6 +47,7 @@ class SimRequest:
     decode_left: int = 0
     blocks_held: int = 0  # uncached blocks allocated to it (prompt blocks until stored, output, partial)
     preemptions: int = 0
+    pool_touched: bool = False  # the connector told the pool its prefix is in use (once a request)
     refs: list[int] = field(default_factory=list)  # cached blocks it references
 
 
@@ -63,17 +63,27 @@ class EngineListener:
     def finished(self, engine: "SimEngine", req: SimRequest) -> None: ...
 
 
+class PoolTiers:
+    """The connector's part: the blocks a pool tier holds after the engine's hit, asked at every admission attempt
+    (as vLLM's scheduler asks its connector), and their load, once the request is admitted."""
+
+    def lookup(self, engine: "SimEngine", req: SimRequest, hit: int) -> int:
+        return 0
+
+    def load(self, engine: "SimEngine", req: SimRequest, hit: int, n: int) -> float:
+        """Load blocks hit..hit+n-1 of the request; returns the seconds the load stalls its step."""
+        return 0.0
+
+
 class SimEngine:
     def __init__(self, name: str, node: str, costs: StepCosts, block_size: int, listener: EngineListener,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, prefix_caching: bool = True,
-                 pool_hits: Callable[["SimEngine", SimRequest, int], tuple[int, float]] | None = None):
-        """`pool_hits(engine, request, engine_hit_blocks)` -> (blocks a pool tier adds after the engine's hit,
-        seconds the load stalls the step): the connector's part, None without one."""
+                 pool: PoolTiers | None = None):
         self.name, self.node, self.costs, self.block_size = name, node, costs, block_size
         self.listener = listener
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.prefix_caching = prefix_caching
-        self.pool_hits = pool_hits
+        self.pool = pool or PoolTiers()
         self.capacity = costs.kv_capacity_tokens // block_size
         self.free: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recently used first
         self.refs: dict[int, int] = {}  # cached and referenced: block -> running requests that use it
@@ -160,7 +170,7 @@ class SimEngine:
                 raise ValueError(f"a request of {req.prompt_tokens + req.max_tokens} tokens cannot fit "
                                  f"{self.capacity} blocks of KV")
             hit = self._hit_blocks(req)
-            loaded, load_s = self.pool_hits(self, req, hit) if self.pool_hits else (0, 0.0)
+            loaded = self.pool.lookup(self, req, hit)
             # Blocks for what is cached, loaded and its first chunk (vLLM allocates for the tokens it schedules).
             cached = (hit + loaded) * bs
             need = math.ceil(min(req.prompt_tokens, cached + self.budget) / bs) - hit
@@ -173,9 +183,9 @@ class SimEngine:
             req.refs = list(req.hashes[:hit])
             self._allocate(need)
             req.blocks_held = need
+            req.load_s = self.pool.load(self, req, hit, loaded) if loaded else 0.0
             if loaded:  # loaded blocks are cached at once (their KV is complete)
                 self._store(req, req.hashes[hit:hit + loaded])
-            req.load_s = load_s
             if not req.preemptions:  # what the request is reported to have found cached: its first admission's
                 req.cached_tokens, req.loaded_tokens = hit * bs, loaded * bs  # (vLLM's num_cached_tokens)
             req.prefill_left = req.prompt_tokens - cached
