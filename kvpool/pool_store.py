@@ -180,11 +180,19 @@ def eviction_order(files: Iterable[BlockFile], now: float, session_ttl_s: float,
     for f in files:
         (live if f.reused and now - f.last_used <= session_ttl_s else idle).append(f)
     by_use = attrgetter("last_used")  # a pass orders every block of a tier: no per-block key function
-    if first is None or first >= len(idle) + len(live):
+    if first is None:
         return sorted(idle, key=by_use) + sorted(live, key=by_use)
-    if first <= len(idle):  # (nsmallest is sorted()[:n], ties in the same order)
-        return heapq.nsmallest(first, idle, key=by_use)
-    return sorted(idle, key=by_use) + heapq.nsmallest(first - len(idle), live, key=by_use)
+    return _oldest(idle, first, by_use) + _oldest(live, first - len(idle), by_use)
+
+
+def _oldest(files: list[BlockFile], n: int, key) -> list[BlockFile]:
+    """sorted(files, key=key)[:n], ties in the same order. heapq.nsmallest is that, and faster only for a small n
+    (measured on 130K blocks: 1% in 22 ms, 5% in 55 ms, against 60 ms to sort them all)."""
+    if n <= 0:
+        return []
+    if n * 20 < len(files):
+        return heapq.nsmallest(n, files, key=key)
+    return sorted(files, key=key)[:n]
 
 
 def to_move_out(files: Sequence[BlockFile], budget: int, now: float, session_ttl_s: float) -> list[BlockFile]:
