@@ -202,8 +202,10 @@ def to_move_out(files: Sequence[BlockFile], budget: int, now: float, session_ttl
     out: list[BlockFile] = []
     if size <= budget:
         return out
-    # A pass usually moves a few of a tier's blocks: at most the excess over the smallest block's size.
-    most = -(-(size - budget) // max(1, min(sizes)))
+    # A pass usually moves a few of a tier's blocks: at most the excess over the smallest block's size, and the
+    # empty files (a write cut short) that free nothing.
+    empty = sizes.count(0)
+    most = -(-(size - budget) // min(n for n in sizes if n)) + empty
     for f in eviction_order(files, now, session_ttl_s, first=most):
         if size <= budget:
             break

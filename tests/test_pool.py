@@ -335,3 +335,14 @@ def test_block_files_this_process_would_not_write_are_parsed(tmp_path):
     assert not store.read_into("d4" * 16, [memoryview(bytearray(7))]) and store.contains("d4" * 16)
     assert not store.put("e5" * 16, b"") and not store.put("~", b"x") and not store.contains("~")
     assert store.put("f6" * 16, data) and store.read_into("f6" * 16, [memoryview(out)])
+
+
+def test_empty_block_files_do_not_keep_a_tier_over_budget():
+    """Zero-byte files (a write cut short) come first in the order like any other; the blocks that must leave are
+    still all found."""
+    from kvpool.pool_store import BlockFile, to_move_out
+
+    files = [BlockFile("empty1", "host", Path("a"), 0, 1.0), BlockFile("empty2", "host", Path("b"), 0, 2.0)] + \
+        [BlockFile(f"k{i}", "host", Path(f"k{i}"), 100, 10.0 + i) for i in range(100)]
+    total = sum(f.size for f in files)
+    assert [f.key for f in to_move_out(files, total - 1, 200.0, 30)] == ["empty1", "empty2", "k0"]

@@ -163,3 +163,39 @@ def test_an_engine_out_of_blocks_preempts_its_newest_request_as_vllm_does():
     assert listener.done == ["q0", "q1"] and listener.firsts == ["q0", "q1"]
     assert new.first_token_at < old.finished_at < new.finished_at  # it had answered before it was preempted
     assert new.cached_tokens == 0  # reported as its first admission found it (vLLM's num_cached_tokens)
+
+
+def test_an_arrival_that_cuts_a_macro_step_short_gets_the_blocks_of_the_steps_not_run():
+    """A long answer decodes as one macro-step with blocks for all of it; a request arriving mid-way cuts it at
+    the next step, and the blocks of the steps not run are free for it (vLLM allocates step by step)."""
+    engine = SimEngine("r0", "n0", profile("cpu", "smollm2-135m", kv_tokens=40), 4, EngineListener(),
+                       max_num_batched_tokens=64)  # 10 blocks of 4 tokens
+    long = SimRequest("long", "s", 0, [], 4, 30, 0.0)
+    engine.submit(long, 0.0)
+    engine.advance()  # its prefill
+    engine.advance()  # its answer's decode, one macro-step
+    assert engine._plan.steps > 20 and long.blocks_held >= 8
+    short = SimRequest("short", "s", 0, [7], 8, 1, 0.0)
+    engine.submit(short, engine._plan.start + 1.5 * engine._plan.step_s)
+    while engine.next_event_s() is not None:
+        engine.advance()
+    assert short.finished_at < long.finished_at and engine.preemptions == 0
+
+
+def test_waiting_requests_are_admitted_only_within_the_steps_token_budget():
+    """As in vLLM, running requests are scheduled first and a waiting one is admitted only with budget left: it
+    does not take blocks for a chunk it cannot run, nor get preempted before it ever ran."""
+    engine = SimEngine("r0", "n0", profile("cpu", "smollm2-135m", kv_tokens=400), 4, EngineListener(),
+                       max_num_batched_tokens=64)
+    first = SimRequest("first", "s", 0, list(range(1, 50)), 200, 10, 0.0)  # 4 steps of prefill; both fit
+    second = SimRequest("second", "s", 0, list(range(1001, 1016)), 64, 4, 0.0)
+    engine.submit(first, 0.0)
+    engine.submit(second, 0.0)
+    engine.advance()
+    assert [r.rid for r in engine.running] == ["first"] and second.blocks_held == 0
+    while engine.next_event_s() is not None:
+        engine.advance()
+        # Once admitted, it computes in that very step.
+        assert second not in engine.running or second.prefill_left == 0 or \
+            any(r is second for r, _ in engine._plan.prefills)
+    assert engine.preemptions == 0 and second.finished_at is not None

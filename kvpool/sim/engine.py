@@ -51,6 +51,18 @@ class SimRequest:
     refs: list[int] = field(default_factory=list)  # cached blocks it references
 
 
+@dataclass
+class _Plan:
+    """A macro-step: `steps` identical engine steps from `start`, each `step_s` long."""
+    start: float
+    step_s: float
+    steps: int
+    decodes: list[SimRequest]
+    prefills: list[tuple[SimRequest, int]]  # (request, tokens a step)
+    grown: list[tuple[SimRequest, int]]  # blocks allocated to running requests for all `planned` steps
+    planned: int
+
+
 class EngineListener:
     """What a replica reports; the cluster overrides what it needs."""
 
@@ -92,7 +104,7 @@ class SimEngine:
         self.running: list[SimRequest] = []
         self.clock = 0.0
         # The macro-step in progress: its start, step time, number of steps, and what each step does.
-        self._plan: tuple[float, float, int, list[SimRequest], list[tuple[SimRequest, int]]] | None = None
+        self._plan: _Plan | None = None
         self.busy_s = 0.0
         self.evicted_blocks = 0
         self.preemptions = 0
@@ -105,22 +117,19 @@ class SimEngine:
         if self._plan is None:
             self.clock = max(self.clock, now)
         else:  # admit it at the next step boundary: cut the macro-step there
-            start, step_s, k, decodes, prefills = self._plan
-            done = min(k, max(1, math.floor((now - start) / step_s) + 1))
-            self._plan = (start, step_s, done, decodes, prefills)
+            plan = self._plan
+            plan.steps = min(plan.steps, max(1, math.floor((now - plan.start) / plan.step_s) + 1))
 
     def next_event_s(self) -> float | None:
         """When the macro-step in progress ends (None: idle, or it has not planned since a submit)."""
         if self._plan is None:
             return self.clock if self.waiting else None
-        start, step_s, k, _, _ = self._plan
-        return start + k * step_s
+        return self._plan.start + self._plan.steps * self._plan.step_s
 
     def advance(self) -> None:
         """Finish the macro-step in progress (if any) and plan the next."""
         if self._plan is not None:
             self._finish_plan()
-        self._admit()
         self._make_plan()
 
     def cached_blocks(self) -> int:
@@ -162,21 +171,23 @@ class SimEngine:
             del self.refs[h]
             self.free[h] = None
 
-    def _admit(self) -> None:
-        bs = self.block_size
-        while self.waiting and len(self.running) < self.max_num_seqs:
+    def _admit(self, budget: int) -> list[tuple[SimRequest, int]]:
+        """Admit waiting requests, first come first served, while the step has token budget and their first
+        chunk's blocks fit; returns them with their chunks (their blocks allocated)."""
+        bs, admitted = self.block_size, []
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
             if math.ceil((req.prompt_tokens + req.max_tokens) / bs) > self.capacity:
                 raise ValueError(f"a request of {req.prompt_tokens + req.max_tokens} tokens cannot fit "
                                  f"{self.capacity} blocks of KV")
             hit = self._hit_blocks(req)
             loaded = self.pool.lookup(self, req, hit)
-            # Blocks for what is cached, loaded and its first chunk (vLLM allocates for the tokens it schedules).
-            cached = (hit + loaded) * bs
-            need = math.ceil(min(req.prompt_tokens, cached + self.budget) / bs) - hit
+            cached = (hit + loaded) * bs  # < prompt_tokens: the last prompt token is always computed
+            chunk = min(req.prompt_tokens - cached, budget)
+            need = math.ceil((cached + chunk) / bs) - hit  # vLLM allocates for the tokens it schedules
             evictable = len(self.free) - sum(1 for h in req.hashes[:hit] if h in self.free)
             if need > self._unused() + evictable:
-                return
+                break
             self.waiting.popleft()
             for h in req.hashes[:hit]:
                 self._ref(h)
@@ -192,6 +203,9 @@ class SimEngine:
             if req.first_token_at is None:
                 req.decode_left = req.max_tokens
             self.running.append(req)
+            admitted.append((req, chunk))
+            budget -= chunk
+        return admitted
 
     def _unused(self) -> int:
         return self.capacity - self.held - len(self.refs) - len(self.free)
@@ -232,24 +246,37 @@ class SimEngine:
     # --- steps ------------------------------------------------------------------------------------------------
 
     def _make_plan(self) -> None:
-        while True:
-            plan = self._schedule_steps()
-            if plan is None:
-                self._plan = None
-                return
-            k, decodes, prefills = plan
-            grow = self._growth(k, decodes, prefills)
+        """The next macro-step, as vLLM's scheduler makes a step: the running requests first (the newest preempted
+        while their next tokens' blocks do not fit), then, if none was preempted, waiting requests within the
+        token budget left."""
+        preempted = False
+        while True:  # a step's blocks for the running requests, preempting the newest while they do not fit
+            decodes, prefills, budget = self._schedule_running()
+            grow = self._growth(1, decodes, prefills)
             if sum(n for _, n in grow) <= self._unused() + len(self.free):
                 break
-            if k > 1:  # one step may fit where k do not
-                grow = self._growth(1, decodes, prefills)
-                if sum(n for _, n in grow) <= self._unused() + len(self.free):
-                    k = 1
-                    break
             self._preempt(self.running[-1])
+            preempted = True
         self._allocate(sum(n for _, n in grow))
         for r, n in grow:
             r.blocks_held += n
+        admitted = [] if preempted else self._admit(budget)
+        if admitted:
+            prefills, k = prefills + admitted, 1
+        else:  # no one joins: the same step repeats while it can (its blocks for all of them fit)
+            k = self._repeats(decodes, prefills)
+            if k > 1:
+                more = self._growth(k, decodes, prefills)
+                if sum(n for _, n in more) <= self._unused() + len(self.free):
+                    self._allocate(sum(n for _, n in more))
+                    for r, n in more:
+                        r.blocks_held += n
+                    grow = [(r, n + m) for (r, n), (_, m) in zip(grow, more)]
+                else:
+                    k = 1
+        if not decodes and not prefills:
+            self._plan = None
+            return
         p_tokens = sum(c for _, c in prefills)
         # Mean context a prefill token attends to, over the k steps (the chunks' offsets grow step by step).
         p_ctx = (sum((r.prompt_tokens - r.prefill_left + c * k / 2) * c for r, c in prefills) / p_tokens
@@ -261,28 +288,32 @@ class SimEngine:
             r.load_s = 0.0
         start = self.clock + stall
         self.busy_s += stall
-        self._plan = (start, step_s, k, decodes, prefills)
+        self._plan = _Plan(start, step_s, k, decodes, prefills, grow, k)
 
-    def _schedule_steps(self) -> tuple[int, list[SimRequest], list[tuple[SimRequest, int]]] | None:
-        """What the next steps compute: every decode, then prefill chunks oldest first within the token budget; and
-        how many steps repeat unchanged (the first prefill still has more than a chunk left, no decode finishes)."""
+    def _schedule_running(self) -> tuple[list[SimRequest], list[tuple[SimRequest, int]], int]:
+        """What a step computes of the running requests: every decode, then prefill chunks oldest first within
+        the token budget; and the budget left."""
         decodes = [r for r in self.running if r.prefill_left == 0]
-        prefilling = [r for r in self.running if r.prefill_left > 0]
-        if not decodes and not prefilling:
-            return None
         budget = max(0, self.budget - len(decodes))
         prefills: list[tuple[SimRequest, int]] = []
-        for r in prefilling:
+        for r in self.running:
             if budget <= 0:
                 break
-            chunk = min(r.prefill_left, budget)
-            prefills.append((r, chunk))
-            budget -= chunk
+            if r.prefill_left > 0:
+                chunk = min(r.prefill_left, budget)
+                prefills.append((r, chunk))
+                budget -= chunk
+        return decodes, prefills, budget
+
+    @staticmethod
+    def _repeats(decodes: list[SimRequest], prefills: list[tuple[SimRequest, int]]) -> int:
+        """How many steps repeat unchanged: the first prefill still has more than a chunk left, no decode
+        finishes."""
         k = min((r.decode_left for r in decodes), default=math.inf)
         if prefills:
             head, chunk = prefills[0]
             k = min(k, max(1, head.prefill_left // chunk) if len(prefills) == 1 else 1)
-        return int(max(1, k)), decodes, prefills
+        return int(max(1, k)) if k != math.inf else 1
 
     def _growth(self, k: int, decodes: list[SimRequest],
                 prefills: list[tuple[SimRequest, int]]) -> list[tuple[SimRequest, int]]:
@@ -293,9 +324,25 @@ class SimEngine:
         tokens += [(r, r.prompt_tokens - r.prefill_left + chunk * k) for r, chunk in prefills]
         return [(r, max(0, math.ceil(t / bs) - len(r.refs) - r.blocks_held)) for r, t in tokens]
 
+    def _resize(self, grown: list[tuple[SimRequest, int]], k: int, decodes: list[SimRequest],
+                prefills: list[tuple[SimRequest, int]]) -> list[tuple[SimRequest, int]]:
+        """The blocks `grown` for more steps shrink to those of `k` steps (the rest are unused again)."""
+        for r, n in grown:
+            r.blocks_held -= n
+            self.held -= n
+        grow = self._growth(k, decodes, prefills)
+        for r, n in grow:
+            r.blocks_held += n
+            self.held += n
+        return grow
+
     def _finish_plan(self) -> None:
-        start, step_s, k, decodes, prefills = self._plan
-        end = start + k * step_s
+        plan = self._plan
+        k, decodes, prefills = plan.steps, plan.decodes, plan.prefills
+        if k < plan.planned:  # an arrival cut the macro-step short: the blocks of the steps not run go back
+            self._resize(plan.grown, k, decodes, prefills)
+        step_s = plan.step_s
+        end = plan.start + k * step_s
         self.busy_s += k * step_s
         self.clock = end
         self._plan = None
