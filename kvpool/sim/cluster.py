@@ -131,13 +131,9 @@ class NodePool:
         held = len(self.files) * self.block_bytes
         if held <= self.budgets["host"]:  # both tiers fit: nothing to sort
             return demoted, evicted
-        for tier in ("host", "disk"):
-            if not self.budgets["disk"]:  # every block is on the host tier
-                if tier == "disk":
-                    break
-                in_tier = list(self.files.values())
-            else:
-                in_tier = [f for f in self.files.values() if f.tier == tier]
+        for tier in ("host", "disk") if self.budgets["disk"] else ("host",):
+            in_tier = [f for f in self.files.values() if f.tier == tier] if self.budgets["disk"] else \
+                list(self.files.values())  # without a disk tier every block is on the host tier
             for f in to_move_out(in_tier, self.budgets[tier], now, self.ttl):
                 if tier == "host" and self.budgets["disk"] > 0:
                     f.tier = "disk"

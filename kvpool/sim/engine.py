@@ -257,9 +257,7 @@ class SimEngine:
                 break
             self._preempt(self.running[-1])
             preempted = True
-        self._allocate(sum(n for _, n in grow))
-        for r, n in grow:
-            r.blocks_held += n
+        self._take(grow)
         admitted = [] if preempted else self._admit(budget)
         if admitted:
             prefills, k = prefills + admitted, 1
@@ -268,9 +266,7 @@ class SimEngine:
             if k > 1:
                 more = self._growth(k, decodes, prefills)
                 if sum(n for _, n in more) <= self._unused() + len(self.free):
-                    self._allocate(sum(n for _, n in more))
-                    for r, n in more:
-                        r.blocks_held += n
+                    self._take(more)
                     grow = [(r, n + m) for (r, n), (_, m) in zip(grow, more)]
                 else:
                     k = 1
@@ -330,10 +326,13 @@ class SimEngine:
         for r, n in grown:
             r.blocks_held -= n
             self.held -= n
-        grow = self._growth(k, decodes, prefills)
+        return self._take(self._growth(k, decodes, prefills))
+
+    def _take(self, grow: list[tuple[SimRequest, int]]) -> list[tuple[SimRequest, int]]:
+        """Allocate each request its new blocks (the caller checked they fit)."""
+        self._allocate(sum(n for _, n in grow))
         for r, n in grow:
             r.blocks_held += n
-            self.held += n
         return grow
 
     def _finish_plan(self) -> None:
