@@ -102,6 +102,23 @@ def test_engines_account_for_every_block(sessions):
         assert cluster.core.index.num_blocks(e.name) == len(e.refs) + len(e.free)
 
 
+def test_a_simulation_makes_no_reference_cycles(sessions):
+    """`kvpool simulate` pauses the cycle collector while a cluster runs: what a run creates must be freed by
+    reference counting alone (every policy: each has its own structures)."""
+    import gc
+
+    for policy in POLICIES:
+        cluster = Cluster(small_spec(host_bytes=8 * GiB), policy, seed=1)
+        gc.collect()
+        gc.disable()
+        try:
+            out = cluster.run(Workload(sessions, concurrency=12, duration_s=120, ramp_s=10))
+            cycles = gc.collect()
+        finally:
+            gc.enable()
+        assert out.records and cycles == 0, (policy, cycles)
+
+
 def test_the_pool_keeps_its_budgets_in_the_shards_eviction_order():
     pool = NodePool(host_bytes=4 * 100, disk_bytes=2 * 100, block_bytes=100, session_ttl_s=600)
     pool.put([1, 2, 3], now=0.0)
@@ -199,3 +216,4 @@ def test_waiting_requests_are_admitted_only_within_the_steps_token_budget():
         assert second not in engine.running or second.prefill_left == 0 or \
             any(r is second for r, _ in engine._plan.prefills)
     assert engine.preemptions == 0 and second.finished_at is not None
+
