@@ -171,18 +171,19 @@ class BlockFile:
     reused: bool = False  # used again after it was written
 
 
-def eviction_order(files: Iterable[BlockFile], now: float, session_ttl_s: float,
+def eviction_order(files: Sequence[BlockFile], now: float, session_ttl_s: float,
                    first: int | None = None) -> list[BlockFile]:
     """Who leaves first: blocks of idle sessions and one-off prompts (not reused within the TTL), then blocks of
     live sessions (reused within it); least recently used first within each group. `first`: only the first that
-    many of that order (found without ordering the rest)."""
-    idle, live = [], []
-    for f in files:
-        (live if f.reused and now - f.last_used <= session_ttl_s else idle).append(f)
+    many of that order (found without ordering the rest, nor looking at live blocks if idle ones suffice)."""
+    idle = [f for f in files if not f.reused or now - f.last_used > session_ttl_s]
     by_use = attrgetter("last_used")  # a pass orders every block of a tier: no per-block key function
+    if first is not None and len(idle) >= first:
+        return _oldest(idle, first, by_use)
+    live = [f for f in files if f.reused and now - f.last_used <= session_ttl_s]
     if first is None:
         return sorted(idle, key=by_use) + sorted(live, key=by_use)
-    return _oldest(idle, first, by_use) + _oldest(live, first - len(idle), by_use)
+    return sorted(idle, key=by_use) + _oldest(live, first - len(idle), by_use)
 
 
 def _oldest(files: list[BlockFile], n: int, key) -> list[BlockFile]:
@@ -205,7 +206,8 @@ def to_move_out(files: Sequence[BlockFile], budget: int, now: float, session_ttl
     # A pass usually moves a few of a tier's blocks: at most the excess over the smallest block's size, and the
     # empty files (a write cut short) that free nothing.
     empty = sizes.count(0)
-    most = -(-(size - budget) // min(n for n in sizes if n)) + empty
+    smallest = min(filter(None, sizes)) if empty else min(sizes)
+    most = -(-(size - budget) // smallest) + empty
     for f in eviction_order(files, now, session_ttl_s, first=most):
         if size <= budget:
             break
