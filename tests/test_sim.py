@@ -217,3 +217,21 @@ def test_waiting_requests_are_admitted_only_within_the_steps_token_budget():
             any(r is second for r, _ in engine._plan.prefills)
     assert engine.preemptions == 0 and second.finished_at is not None
 
+
+def test_without_prefix_caching_identical_prompts_hold_blocks_of_their_own():
+    """With prefix caching off (the no-cache peer) nothing is shared: two identical prompts running together each
+    hold every block of their KV, and none stay cached after them."""
+    engine = SimEngine("r0", "n0", profile("cpu", "smollm2-135m", kv_tokens=400), 4, EngineListener(),
+                       max_num_batched_tokens=64, prefix_caching=False)
+    twins = [SimRequest(f"t{i}", "s", 0, list(range(1, 8)), 32, 8, 0.0) for i in range(2)]
+    for req in twins:
+        engine.submit(req, 0.0)
+    both_prefilled = False
+    while engine.next_event_s() is not None:
+        engine.advance()
+        if len(engine.running) == 2 and all(r.prefill_left == 0 for r in twins):
+            both_prefilled = True
+            assert engine.held == sum(r.blocks_held for r in twins) >= 2 * 32 // 4
+            assert not engine.refs
+    assert both_prefilled and engine.cached_blocks() == 0
+

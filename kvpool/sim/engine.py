@@ -220,7 +220,10 @@ class SimEngine:
         self.waiting.appendleft(req)
 
     def _store(self, req: SimRequest, hashes: list[int]) -> None:
-        """The request's blocks `hashes` are full and computed (or loaded): they join the prefix cache."""
+        """The request's blocks `hashes` are full and computed (or loaded): they join the prefix cache (without
+        prefix caching they stay the request's own, freed with it)."""
+        if not self.prefix_caching:
+            return
         stored = []
         for h in hashes:
             known = h in self.refs or h in self.free
@@ -230,7 +233,7 @@ class SimEngine:
             self.held -= 1
             if not known:
                 stored.append(h)
-        if stored and self.prefix_caching:
+        if stored:
             self.listener.stored(self, stored)
 
     def _release(self, req: SimRequest) -> None:
@@ -238,9 +241,6 @@ class SimEngine:
         req.blocks_held = 0
         for h in reversed(req.refs):  # tail first: the LRU end evicts a chain from its end
             self._unref(h)
-        if not self.prefix_caching:
-            for h in req.refs:
-                self.free.pop(h, None)
         req.refs = []
 
     # --- steps ------------------------------------------------------------------------------------------------
