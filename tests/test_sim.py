@@ -235,3 +235,11 @@ def test_without_prefix_caching_identical_prompts_hold_blocks_of_their_own():
             assert not engine.refs
     assert both_prefilled and engine.cached_blocks() == 0
 
+
+def test_the_longest_request_admitted_fits_an_engines_whole_blocks():
+    """Engine KV that is not a whole number of blocks (the GPU profiles' HBM arithmetic) holds only its whole
+    blocks: a request refused as too long must never be one that an engine then cannot fit."""
+    cluster = Cluster(small_spec(kv_tokens=400_010), "kvpool", seed=1)
+    for e in cluster.engines.values():
+        assert -(-cluster.max_model_len // e.block_size) <= e.capacity
+    assert cluster.max_model_len > 400_010 - cluster.block_size

@@ -284,7 +284,9 @@ class Cluster(EngineListener):
                                      tiers) for r in self.replicas}
         self.out = Outcome()
         # The longest request an engine takes (prompt + output): its KV must fit, and the model's context.
-        self.max_model_len = min(spec.costs.kv_capacity_tokens, spec.max_model_len or spec.costs.kv_capacity_tokens)
+        # (whole blocks: an engine holds no part-block).
+        kv = spec.costs.kv_capacity_tokens // spec.block_size * spec.block_size
+        self.max_model_len = min(kv, spec.max_model_len or kv)
         self.now = 0.0
         self._heap: list = []
         self._tie = itertools.count()
