@@ -243,3 +243,28 @@ def test_the_longest_request_admitted_fits_an_engines_whole_blocks():
     for e in cluster.engines.values():
         assert -(-cluster.max_model_len // e.block_size) <= e.capacity
     assert cluster.max_model_len > 400_010 - cluster.block_size
+
+
+def test_a_request_preempted_while_decoding_computes_its_prompt_and_answer_again():
+    """vLLM recomputes a preempted request's every token, its answer so far included, then samples on from there:
+    the resumed request's prefill covers prompt + generated tokens (less the prompt blocks still cached), and it
+    still generates exactly max_tokens."""
+    bs = 4
+    engine = SimEngine("r0", "n0", profile("cpu", "smollm2-135m", kv_tokens=40), bs, EngineListener(),
+                       max_num_batched_tokens=64)  # 10 blocks of 4 tokens: the two answers outgrow them
+    old, new = (SimRequest(f"q{i}", "s", 0, [100 * i + j for j in range(3)], 16, 12, 0.0) for i in range(2))
+    for req in (old, new):
+        engine.submit(req, 0.0)
+    generated = resumed_prefill = None
+    while engine.next_event_s() is not None:
+        was_decoding = new in engine.running and new.prefill_left == 0
+        engine.advance()
+        if generated is None and new.preemptions:
+            assert was_decoding
+            generated = new.max_tokens - new.decode_left
+            assert new.prefill_left == new.prompt_tokens + generated
+        elif generated is not None and resumed_prefill is None and new in engine.running:
+            resumed_prefill = new.prefill_left  # at its re-admission: its cached prompt blocks are not computed
+    assert generated > 0
+    assert resumed_prefill >= new.prompt_tokens - bs * len(new.hashes) + generated
+    assert new.decode_left == 0 and new.finished_at is not None

@@ -47,8 +47,14 @@ class SimRequest:
     decode_left: int = 0
     blocks_held: int = 0  # uncached blocks allocated to it (prompt blocks until stored, output, partial)
     preemptions: int = 0
+    recomputed_output: int = 0  # answer tokens computed again with the prompt after a preemption (vLLM's recompute)
     pool_touched: bool = False  # the connector told the pool its prefix is in use (once a request)
     refs: list[int] = field(default_factory=list)  # cached blocks it references
+
+    @property
+    def prefill_tokens(self) -> int:
+        """The tokens its prefill computes: the prompt, and after a preemption the answer so far too."""
+        return self.prompt_tokens + self.recomputed_output
 
 
 @dataclass
@@ -183,7 +189,7 @@ class SimEngine:
             hit = self._hit_blocks(req)
             loaded = self.pool.lookup(self, req, hit)
             cached = (hit + loaded) * bs  # < prompt_tokens: the last prompt token is always computed
-            chunk = min(req.prompt_tokens - cached, budget)
+            chunk = min(req.prefill_tokens - cached, budget)
             need = math.ceil((cached + chunk) / bs) - hit  # vLLM allocates for the tokens it schedules
             evictable = len(self.free) - sum(1 for h in req.hashes[:hit] if h in self.free)
             if need > self._unused() + evictable:
@@ -199,7 +205,7 @@ class SimEngine:
                 self._store(req, req.hashes[hit:hit + loaded])
             if not req.preemptions:  # what the request is reported to have found cached: its first admission's
                 req.cached_tokens, req.loaded_tokens = hit * bs, loaded * bs  # (vLLM's num_cached_tokens)
-            req.prefill_left = req.prompt_tokens - cached
+            req.prefill_left = req.prefill_tokens - cached
             if req.first_token_at is None:
                 req.decode_left = req.max_tokens
             self.running.append(req)
@@ -212,10 +218,12 @@ class SimEngine:
 
     def _preempt(self, req: SimRequest) -> None:
         """Out of blocks: `req` (the newest running request) gives its blocks back and waits first in line; its
-        full blocks stay cached. Its answer so far is kept; its prompt is computed (or loaded) again."""
+        full blocks stay cached. Its answer so far is kept; as in vLLM, its prompt and that answer are computed (the
+        prompt's cached or pooled blocks loaded) again, and the last of that prefill samples its next token."""
         self.running.remove(req)
         self._release(req)
-        req.prefill_left, req.preemptions = req.prompt_tokens, req.preemptions + 1
+        req.recomputed_output = req.max_tokens - req.decode_left if req.first_token_at is not None else 0
+        req.prefill_left, req.preemptions = req.prefill_tokens, req.preemptions + 1
         self.preemptions += 1
         self.waiting.appendleft(req)
 
@@ -275,7 +283,7 @@ class SimEngine:
             return
         p_tokens = sum(c for _, c in prefills)
         # Mean context a prefill token attends to, over the k steps (the chunks' offsets grow step by step).
-        p_ctx = (sum((r.prompt_tokens - r.prefill_left + c * k / 2) * c for r, c in prefills) / p_tokens
+        p_ctx = (sum((r.prefill_tokens - r.prefill_left + c * k / 2) * c for r, c in prefills) / p_tokens
                  if p_tokens else 0.0)
         d_ctx = sum(r.prompt_tokens + r.max_tokens - r.decode_left for r in decodes)
         step_s = self.costs.step_s(len(decodes), d_ctx, p_tokens, p_ctx)
@@ -317,7 +325,7 @@ class SimEngine:
         step writes the KV of the token it feeds (the prompt plus all but the newest generated token)."""
         bs = self.block_size
         tokens = [(r, r.prompt_tokens + r.max_tokens - r.decode_left - 1 + k) for r in decodes]
-        tokens += [(r, r.prompt_tokens - r.prefill_left + chunk * k) for r, chunk in prefills]
+        tokens += [(r, r.prefill_tokens - r.prefill_left + chunk * k) for r, chunk in prefills]
         return [(r, max(0, math.ceil(t / bs) - len(r.refs) - r.blocks_held)) for r, t in tokens]
 
     def _resize(self, grown: list[tuple[SimRequest, int]], k: int, decodes: list[SimRequest],
@@ -350,12 +358,13 @@ class SimEngine:
         for r, chunk in prefills:
             r.prefill_left -= chunk * k
             # The chunk's full blocks join the prefix cache (r.refs: the prompt's leading blocks held so far).
-            computed = min(len(r.hashes), (r.prompt_tokens - r.prefill_left) // self.block_size)
+            computed = min(len(r.hashes), (r.prefill_tokens - r.prefill_left) // self.block_size)
             self._store(r, r.hashes[len(r.refs):computed])
-            if r.prefill_left == 0 and r.first_token_at is None:  # its last chunk samples the first token
-                r.first_token_at = end
+            if r.prefill_left == 0:  # its last chunk samples a token: its first, or the next after a preemption
                 r.decode_left -= 1
-                self.listener.first_token(self, r)
+                if r.first_token_at is None:
+                    r.first_token_at = end
+                    self.listener.first_token(self, r)
         for r in [r for r in self.running if r.prefill_left == 0 and r.decode_left <= 0]:
             r.finished_at = end
             self.running.remove(r)
