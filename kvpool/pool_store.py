@@ -176,7 +176,7 @@ def eviction_order(files: Sequence[BlockFile], now: float, session_ttl_s: float,
     """Who leaves first: blocks of idle sessions and one-off prompts (not reused within the TTL), then blocks of
     live sessions (reused within it); least recently used first within each group. `first`: only the first that
     many of that order (found without ordering the rest, nor looking at live blocks if idle ones suffice)."""
-    idle = [f for f in files if not f.reused or now - f.last_used > session_ttl_s]
+    idle = [f for f in files if not (f.reused and now - f.last_used <= session_ttl_s)]
     by_use = attrgetter("last_used")  # a pass orders every block of a tier: no per-block key function
     if first is not None and len(idle) >= first:
         return _oldest(idle, first, by_use)

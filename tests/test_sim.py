@@ -255,16 +255,19 @@ def test_a_request_preempted_while_decoding_computes_its_prompt_and_answer_again
     old, new = (SimRequest(f"q{i}", "s", 0, [100 * i + j for j in range(3)], 16, 12, 0.0) for i in range(2))
     for req in (old, new):
         engine.submit(req, 0.0)
-    generated = resumed_prefill = None
+    generated = None
+    resumed = False
     while engine.next_event_s() is not None:
         was_decoding = new in engine.running and new.prefill_left == 0
+        was_prefilling = new in engine.running and new.prefill_left > 0
         engine.advance()
         if generated is None and new.preemptions:
             assert was_decoding
             generated = new.max_tokens - new.decode_left
             assert new.prefill_left == new.prompt_tokens + generated
-        elif generated is not None and resumed_prefill is None and new in engine.running:
-            resumed_prefill = new.prefill_left  # at its re-admission: its cached prompt blocks are not computed
-    assert generated > 0
-    assert resumed_prefill >= new.prompt_tokens - bs * len(new.hashes) + generated
+        elif generated is not None and not resumed and was_prefilling and new.prefill_left == 0:
+            resumed = True  # its recompute is done: it holds KV for prompt + answer so far, and sampled one more
+            assert len(new.refs) + new.blocks_held >= -(-(new.prompt_tokens + generated) // bs)
+            assert new.decode_left == new.max_tokens - generated - 1
+    assert generated > 0 and resumed
     assert new.decode_left == 0 and new.finished_at is not None

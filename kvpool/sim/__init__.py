@@ -62,12 +62,14 @@ def run_without_cycle_collector(cluster, workload):
     """Run a simulation with Python's cycle collector paused. A run makes no reference cycles (the trace's reader
     does: they are collected first), so reference counting frees everything, while the collector would walk the
     pool's millions of block records over and over (20% of a 300 s scale run's time, measured)."""
+    was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         return cluster.run(workload)
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def run(args) -> dict:
