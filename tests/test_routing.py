@@ -2,6 +2,7 @@
 
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import ray
@@ -43,9 +44,16 @@ def test_multi_turn_sessions_hit_cache_every_turn_and_spread(tiny_app):
     sessions = [[{"role": "system", "content": f"session {s}: " + text(rng, 150)}] for s in range(6)]
     replicas, exact, turns = set(), 0, 0
     for turn in range(4):
-        for s, msgs in enumerate(sessions):
+        for msgs in sessions:
             msgs.append({"role": "user", "content": text(rng, 60)})
-            r = chat(url, msgs)
+        # The first turns (cold prompts) go together: equal replicas tie on cost and the tie goes to the one with
+        # fewer running requests, so they spread (sent one by one, both are idle and the tie is a coin toss).
+        first = None
+        if turn == 0:
+            with ThreadPoolExecutor(len(sessions)) as pool:
+                first = list(pool.map(lambda m: chat(url, m), sessions))
+        for s, msgs in enumerate(sessions):
+            r = first[s] if first else chat(url, msgs)
             body = r.json()
             msgs.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
             cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
