@@ -136,6 +136,8 @@ class RouterActor:
         async def ping(replica: str, actor) -> None:
             try:
                 await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=2)
+            except ray.exceptions.ActorUnavailableError:  # a RayActorError, but one that may pass: no proof
+                pass
             except ray.exceptions.RayActorError:
                 logger.warning("replica %s died: dropped from the index", replica)
                 self._drop(replica)
@@ -204,8 +206,9 @@ class RouterActor:
         `published_before`: the sequence number of the last batch the engine had published by its previous
         registration (seconds ago), which this router must have heard."""
         self._ensure_consumer()
-        self.actors[replica] = actor
-        self.core.node_of[replica] = node_id
+        if replica not in self.core.dropped:  # else a call sent before it died or left, arriving late
+            self.actors[replica] = actor
+            self.core.node_of[replica] = node_id
         if pool_layouts:
             self.core.pool.layouts = list(pool_layouts)
         return {"endpoint": self._endpoint, "topic_prefix": self._topic_prefix,

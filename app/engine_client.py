@@ -101,7 +101,8 @@ class RoutedEngineClient(EngineClient):
         self.router = router
         self.app_name = app_name
         self.shards: dict[str, Any] = {}  # node id -> its pool shard
-        self.fetches: Counter = Counter()  # cross-node pool fetches: requests, wanted_blocks, blocks, failed
+        # cross-node pool fetches: requests, wanted_blocks, blocks, failed (and failed:<cause>, the why of each)
+        self.fetches: Counter = Counter()
         self._router_lost = False  # a call found the router gone for good: upkeep makes another
         # (hashing s, router call s) of the last routed requests: what routing adds before a request is sent
         self.route_times: deque[tuple[float, float]] = deque(maxlen=1000)
@@ -257,7 +258,7 @@ class RoutedEngineClient(EngineClient):
         self.fetches["requests"] += 1
         self.fetches["wanted_blocks"] += len(wanted)
         if not fetch.target_node:  # the router does not know the replica's node (yet): nowhere to copy to
-            self.fetches["failed"] += 1
+            self._fetch_failed("unknown_target_node")
             return
         try:
             shard = self.shards.get(fetch.target_node) or get_or_create_shard(self.cfg, self.app_name,
@@ -265,8 +266,12 @@ class RoutedEngineClient(EngineClient):
             self.fetches["blocks"] += await asyncio.wait_for(
                 shard.pull.remote(fetch.source_node, fetch.layouts, wanted), timeout=self.cfg.pool_fetch_timeout_s)
         except Exception as e:
-            self.fetches["failed"] += 1
+            self._fetch_failed(type(e).__name__)
             logger.warning("pool fetch from node %s failed (%s): recomputing", fetch.source_node, type(e).__name__)
+
+    def _fetch_failed(self, cause: str) -> None:
+        self.fetches["failed"] += 1
+        self.fetches[f"failed:{cause}"] += 1
 
     async def _started(self, outputs: AsyncIterator[ReplicaOutput],
                        rid: str) -> tuple[str | None, AsyncIterator[Any]]:

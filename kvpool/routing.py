@@ -283,6 +283,10 @@ class RouterCore:
         self.pool = PoolView(self.blocks)
         self.live: list[str] = []
         self.node_of: dict[str, str] = {}  # replica -> its node (registered replicas)
+        # Replicas dropped (died, or left Serve's list). Serve never reuses a replica id, and its lists lag a death
+        # by seconds: a late list that still names one must not revive it (requests sent there would go elsewhere
+        # while the router counts them, and plans them, for the dead one).
+        self.dropped: set[str] = set()
         self.last_seq: dict[str, int] = {}  # replica -> sequence number of its last event batch
         self.event_counts: dict[str, Counter] = {}  # replica -> applied, orphans, resets, malformed, replays
         self.complete: set[str] = set()  # replicas whose view holds every batch since the engine's first (or replay)
@@ -401,15 +405,17 @@ class RouterCore:
         """Serve's current replica list; returns the replicas that left (dropped): those it listed before, and any
         unregistered one the index or the queues still name. A replica that registered but is not listed yet (it
         announces itself before Serve sends it traffic) stays."""
+        replicas = [r for r in replicas if r not in self.dropped]
         new = set(replicas)
         gone = (set(self.live) - new) | ((set(self.index.replicas()) | set(self.book.loads)) - new - set(self.node_of))
         for r in gone:
             self.drop(r)
-        self.live = list(replicas)
+        self.live = replicas
         return sorted(gone)
 
     def drop(self, replica: str) -> None:
-        """A replica left or died: its blocks and its queue go."""
+        """A replica left or died: its blocks and its queue go, for good."""
+        self.dropped.add(replica)
         self.index.remove_replica(replica)
         self.book.drop_replica(replica)
         self.node_of.pop(replica, None)

@@ -414,6 +414,17 @@ def test_router_core_prices_the_pool_on_the_replicas_node_and_charges_its_choice
     assert d.replica == "a" and d.fetch.source_node == "n2" and d.fetch.target_node == "n1"
 
 
+def test_a_dead_replica_stays_dropped_when_a_late_replica_list_still_names_it():
+    core = RouterCore(block_size=4, running_cost_tokens=0, rng=random.Random(0))
+    core.set_replicas(["a", "b"])
+    core.node_of.update(a="n1", b="n2")
+    core.drop("a")  # its actor died: the router's watchdog noticed
+    # Serve's lists lag a death by seconds: one sent before Serve noticed still names "a".
+    assert core.set_replicas(["a", "b"]) == [] and core.live == ["b"]
+    hashes = block_hashes(list(range(17)), 4)
+    assert {core.route(f"r{i}", hashes, 17).replica for i in range(20)} == {"b"}
+
+
 def test_event_batches_from_strangers_bad_events_and_gaps_never_leave_wrong_hits():
     core = RouterCore(block_size=BS, running_cost_tokens=0)
     core.node_of["a"] = "n1"  # registered; Serve has not listed it yet
