@@ -146,6 +146,8 @@ def test_simulate_prints_one_json_line_with_every_policy():
     assert list(out["policies"]) == ["p2c", "kvpool"]
     for r in out["policies"].values():
         assert 0 <= r["hit_rate"] <= r["bound_hit_rate"] <= 1 and r["requests"] > 0
+        # No --max-model-len: the longest request admitted is what an engine's whole 64-token blocks hold.
+        assert r["max_model_len"] % 64 == 0 and 0 <= r["engine_kv_tokens_per_replica"] - r["max_model_len"] < 64, r
     assert [(r["policy"], r["gpus"]) for r in out["sweep"]] == [("p2c", 8), ("p2c", 16), ("kvpool", 8), ("kvpool", 16)]
     assert out["gpus_needed"]["kvpool"] == 8  # a lax SLO: the smallest cluster holds it
 

@@ -42,10 +42,11 @@ def simulate_one(args, sessions, policy: str, nodes: int, kv_tokens: int | None,
     spec = _spec(args, nodes, kv_tokens, host_gib)
     workload = Workload(sessions, args.concurrency, args.duration, args.think_scale, args.ramp, args.max_output)
     t0 = time.process_time()
-    out = run_without_cycle_collector(Cluster(spec, policy, args.seed), workload)
+    cluster = Cluster(spec, policy, args.seed)
+    out = run_without_cycle_collector(cluster, workload)
     figures = summarize(out.records, out.makespan_s)
     return {**figures, "sent": out.sent, "refused_too_long": out.refused,
-            "max_model_len": spec.max_model_len or None, "gpus": nodes * spec.gpus_per_node,
+            "max_model_len": cluster.max_model_len, "gpus": nodes * spec.gpus_per_node,
             "replicas": nodes * spec.replicas_per_node,
             "engine_kv_tokens_per_replica": spec.costs.kv_capacity_tokens,
             "host_tier_bytes_per_node": spec.host_bytes_per_node if policy in ("kvpool", "lmcache") else 0,
