@@ -481,7 +481,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         if self._step_load_failed:
             # This step computed on top of blocks that did not load (in any request: blocks are shared through the
             # prefix cache). The scheduler side plans these saves again once the blocks are recomputed.
-            logger.warning("a pool load failed in this step: %d blocks are not saved", sum(len(tr.keys) for tr in meta.saves))
+            logger.warning("a pool load failed in this step: %d blocks are not saved",
+                           sum(len(tr.keys) for tr in meta.saves))
             return
         block_ids = [b for tr in meta.saves for b in tr.block_ids]
         keys = [k for tr in meta.saves for k in tr.keys]
