@@ -136,11 +136,10 @@ class RouterActor:
         async def ping(replica: str, actor) -> None:
             try:
                 await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=2)
-            except ray.exceptions.ActorUnavailableError:  # a RayActorError, but one that may pass: no proof
-                pass
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.ActorDiedError:  # (not ActorUnavailableError, a RayActorError that may pass)
                 logger.warning("replica %s died: dropped from the index", replica)
-                self._drop(replica)
+                self.core.died(replica)
+                self.actors.pop(replica, None)
             except Exception:  # slow or unreachable for now: not proof of death
                 pass
 
@@ -206,13 +205,14 @@ class RouterActor:
         `published_before`: the sequence number of the last batch the engine had published by its previous
         registration (seconds ago), which this router must have heard."""
         self._ensure_consumer()
-        if replica not in self.core.dropped:  # else a call sent before it died or left, arriving late
-            self.actors[replica] = actor
-            self.core.node_of[replica] = node_id
+        reply = {"endpoint": self._endpoint, "topic_prefix": self._topic_prefix, "replay": False}
+        if not self.core.register(replica, node_id):
+            return reply
+        self.actors[replica] = actor
         if pool_layouts:
             self.core.pool.layouts = list(pool_layouts)
-        return {"endpoint": self._endpoint, "topic_prefix": self._topic_prefix,
-                "replay": can_replay and self.core.begin_replay(replica, published_before=published_before)}
+        reply["replay"] = can_replay and self.core.begin_replay(replica, published_before=published_before)
+        return reply
 
     async def replayed(self, replica: str, messages: list[list[bytes]] | None) -> None:
         """The replay `register` asked for: the publisher's buffered messages, oldest first (None: it failed)."""

@@ -283,10 +283,12 @@ class RouterCore:
         self.pool = PoolView(self.blocks)
         self.live: list[str] = []
         self.node_of: dict[str, str] = {}  # replica -> its node (registered replicas)
-        # Replicas dropped (died, or left Serve's list). Serve never reuses a replica id, and its lists lag a death
-        # by seconds: a late list that still names one must not revive it (requests sent there would go elsewhere
-        # while the router counts them, and plans them, for the dead one).
-        self.dropped: set[str] = set()
+        # Replicas whose actor died (the watchdog's proof). Serve never reuses a replica id, and its lists lag a
+        # death by seconds: a late list that still names one must not revive it (requests sent there would run
+        # elsewhere while the router counts them, and plans fetches, for the dead one). Only death counts: a
+        # replica that one list left out (lists from several ingresses cross) comes back with the next.
+        # A restarted router starts with none; until Serve's next list a late one may revive a dead replica.
+        self.dead: set[str] = set()
         self.last_seq: dict[str, int] = {}  # replica -> sequence number of its last event batch
         self.event_counts: dict[str, Counter] = {}  # replica -> applied, orphans, resets, malformed, replays
         self.complete: set[str] = set()  # replicas whose view holds every batch since the engine's first (or replay)
@@ -404,8 +406,8 @@ class RouterCore:
     def set_replicas(self, replicas: list[str]) -> list[str]:
         """Serve's current replica list; returns the replicas that left (dropped): those it listed before, and any
         unregistered one the index or the queues still name. A replica that registered but is not listed yet (it
-        announces itself before Serve sends it traffic) stays."""
-        replicas = [r for r in replicas if r not in self.dropped]
+        announces itself before Serve sends it traffic) stays; a dead one listed still is left out."""
+        replicas = [r for r in replicas if r not in self.dead]
         new = set(replicas)
         gone = (set(self.live) - new) | ((set(self.index.replicas()) | set(self.book.loads)) - new - set(self.node_of))
         for r in gone:
@@ -413,9 +415,21 @@ class RouterCore:
         self.live = replicas
         return sorted(gone)
 
+    def register(self, replica: str, node: str) -> bool:
+        """A replica announced itself on `node` (at start and at every health check); False for a dead one (a
+        call it sent before it died, arriving late): nothing of it is kept."""
+        if replica in self.dead:
+            return False
+        self.node_of[replica] = node
+        return True
+
+    def died(self, replica: str) -> None:
+        """A replica's actor died: dropped, and never taken back."""
+        self.dead.add(replica)
+        self.drop(replica)
+
     def drop(self, replica: str) -> None:
-        """A replica left or died: its blocks and its queue go, for good."""
-        self.dropped.add(replica)
+        """A replica left or died: its blocks and its queue go."""
         self.index.remove_replica(replica)
         self.book.drop_replica(replica)
         self.node_of.pop(replica, None)

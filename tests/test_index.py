@@ -415,14 +415,20 @@ def test_router_core_prices_the_pool_on_the_replicas_node_and_charges_its_choice
 
 
 def test_a_dead_replica_stays_dropped_when_a_late_replica_list_still_names_it():
-    core = RouterCore(block_size=4, running_cost_tokens=0, rng=random.Random(0))
-    core.set_replicas(["a", "b"])
-    core.node_of.update(a="n1", b="n2")
-    core.drop("a")  # its actor died: the router's watchdog noticed
-    # Serve's lists lag a death by seconds: one sent before Serve noticed still names "a".
-    assert core.set_replicas(["a", "b"]) == [] and core.live == ["b"]
-    hashes = block_hashes(list(range(17)), 4)
-    assert {core.route(f"r{i}", hashes, 17).replica for i in range(20)} == {"b"}
+    core = RouterCore(block_size=BS, running_cost_tokens=0)
+    core.set_replicas(["a", "b", "c"])
+    for r, node in dict(a="n1", b="n2", c="n2").items():
+        assert core.register(r, node)
+    core.died("a")  # the router's watchdog saw its actor die
+    # Serve's lists lag a death by seconds: one sent before Serve noticed still names "a"; so does a late
+    # registration the replica sent before it died.
+    assert core.set_replicas(["a", "b", "c"]) == [] and core.live == ["b", "c"]
+    assert not core.register("a", "n1") and "a" not in core.node_of
+    tokens = list(range(5000, 5000 + 2 * BS))
+    assert core.ingest("a", 0, [stored(tokens, 0, 2)]) == "unknown" and "a" not in core.index.replicas()
+    # A replica that only one list left out (lists from two ingresses crossing) is not dead: it comes back.
+    assert core.set_replicas(["b"]) == ["c"]
+    assert core.register("c", "n2") and core.set_replicas(["b", "c"]) == [] and core.live == ["b", "c"]
 
 
 def test_event_batches_from_strangers_bad_events_and_gaps_never_leave_wrong_hits():
