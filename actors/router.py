@@ -152,10 +152,6 @@ class RouterActor:
                 if replica not in pending or pending[replica].done():
                     pending[replica] = asyncio.get_running_loop().create_task(ping(replica, actor))
 
-    def _drop(self, replica: str) -> None:
-        self.core.drop(replica)
-        self.actors.pop(replica, None)
-
     async def _upkeep(self, period_s: float = 5.0) -> None:
         """Slow housekeeping: nodes that left take their pools out of the view, and requests whose end was never
         reported (their ingress died) stop counting as load."""
@@ -233,8 +229,8 @@ class RouterActor:
     async def set_replicas(self, replicas: list[str]) -> None:
         """Serve's current replica list: replicas that left are dropped from the index and the queues."""
         self._ensure_consumer()
-        for gone in self.core.set_replicas(replicas):
-            self._drop(gone)
+        for gone in self.core.set_replicas(replicas):  # (dropped from the core already)
+            self.actors.pop(gone, None)
 
     async def route(self, request_id: str, hashes: np.ndarray, prompt_tokens: int,
                     pool_ids: np.ndarray | None = None, tenant: str | None = None) -> Decision | None:
