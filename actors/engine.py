@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -39,6 +40,11 @@ class ReplicaOutput:
     output: Any  # vllm.outputs.RequestOutput; None on the first message of a final-only request
     # On the first output: the replica that serves the request (Serve may have sent it elsewhere than routed).
     replica: str | None = None
+    # On the first output: when the request reached this replica and, from vLLM's request stats, when the engine
+    # queued it, first scheduled it and produced its first token (all wall-clock seconds, this node's clock).
+    timing: dict[str, float] | None = None
+    # On the last output: how many times vLLM preempted the request (its KV freed, recomputed or reloaded).
+    preemptions: int | None = None
 
 
 def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | None = None,
@@ -59,6 +65,8 @@ def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | No
         enforce_eager=cfg.enforce_eager,
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.block_size),
+        # vLLM's default stats logger (a log line every 10 s) stays off; its Prometheus metrics and per-request
+        # stats are on (EngineReplica passes the logger), as in Ray Serve LLM.
         disable_log_stats=True,
     )
     if cfg.pool_enabled:
@@ -226,10 +234,22 @@ class EventRelay:
                 pub.close(linger=0)
 
 
+def _first_output_timing(arrived: float, stats) -> dict[str, float]:
+    """A request's way through this replica up to its first token, in wall-clock seconds: vLLM's engine core stamps
+    its events with time.monotonic() (one clock for the whole node), turned into wall-clock time here."""
+    timing = {"replica_in": arrived}
+    if stats is not None and stats.first_token_ts:
+        to_wall = time.time() - time.monotonic()
+        timing.update(queued=stats.queued_ts + to_wall, scheduled=stats.scheduled_ts + to_wall,
+                      first_token=stats.first_token_ts + to_wall)
+    return timing
+
+
 class EngineReplica:
     def __init__(self, cfg: KVPoolConfig):
         from ray import serve
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         ctx = serve.get_replica_context()
         self.app_name, self.replica_id = ctx.app_name, ctx.replica_id.unique_id
@@ -242,7 +262,9 @@ class EngineReplica:
             socket_base = f"ipc://{tempfile.gettempdir()}/kvpool-events-{self.replica_id}"
             publisher, self.replay_endpoint = socket_base + ".pub", socket_base + ".replay"
         args = engine_args(cfg, model_path, publisher, replay_endpoint=self.replay_endpoint)
-        self.engine = AsyncLLM.from_engine_args(args)
+        # vLLM's engine metrics (vllm:*, preemptions and queue times included) through Ray's metrics port, and the
+        # per-request stats the first output's timing is read from.
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger])
         self._introduction: asyncio.Task | None = None
         # The last batch the publisher had sent by the previous registration: a router whose view stops short of it
         # lost the batches since (and no later batch showed it the gap: the engine went quiet).
@@ -283,19 +305,24 @@ class EngineReplica:
         if final_only:
             params = params.clone()
             params.output_kind = RequestOutputKind.DELTA
-        replica = self.replica_id
+        replica, arrived = self.replica_id, time.time()
+        preemptions = None
         async for out in self.engine.generate(prompt, params, req.request_id, **req.generate_kwargs):
-            out.prompt_token_ids = None
+            stats = out.metrics
+            out.prompt_token_ids = out.metrics = None  # the ingress has the prompt; the stats are read here
+            timing = _first_output_timing(arrived, stats) if replica else None
+            preemptions = stats.num_preemptions if stats is not None and out.finished else None
             if not final_only:
-                yield ReplicaOutput(out, replica)
+                yield ReplicaOutput(out, replica, timing, preemptions)
                 replica = None
             elif final is None:
                 final = out
-                yield ReplicaOutput(None, replica)
+                yield ReplicaOutput(None, replica, timing)
+                replica = None
             else:
                 final.add(out, aggregate=True)
         if final is not None:
-            yield ReplicaOutput(final)
+            yield ReplicaOutput(final, preemptions=preemptions)
 
     def _registration(self) -> tuple:
         """What the router's `register` takes: this replica, its actor, its node and its pool layouts."""

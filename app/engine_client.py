@@ -59,6 +59,8 @@ class Dispatch:
     predicted_cached_tokens: int | None = None
     error: ServingError | None = None
     retain: bool = False  # the client marked the prompt for caching: the pool keeps it as a live session's
+    received_at: float | None = None  # wall-clock time the ingress received the HTTP request
+    stages: dict[str, float] | None = None  # where the time to the first output went (STAGES), seconds
 
     def headers(self) -> dict[str, str]:
         h = {"x-kvpool-route-reason": self.reason}
@@ -66,7 +68,25 @@ class Dispatch:
             h["x-kvpool-replica"] = self.replica
         if self.predicted_cached_tokens is not None:
             h["x-kvpool-predicted-cached-tokens"] = str(self.predicted_cached_tokens)
+        if self.stages:  # the W3C Server-Timing header: browsers' and HTTP tools' way to show a server's stages
+            h["server-timing"] = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in self.stages.items())
         return h
+
+
+# Where a request's time goes before its first output reaches the ingress, in order (Dispatch.stages, the
+# Server-Timing header, `stages_ms` in /v1/kvpool/stats, `kvpool bench overhead`). Clocks: the ingress's and the
+# serving replica's node's wall clocks (one machine, or NTP across nodes).
+STAGES = {
+    "render": "HTTP body parsed, chat template rendered, prompt tokenized (vLLM's serving code)",
+    "hashing": "the prompt's chain hashes and pool keys",
+    "router_call": "the router actor's decision and the Ray round trip",
+    "pool_fetch": "copying pool blocks from another node's pool (only when the route asks for it)",
+    "dispatch": "Serve's handle and request router to the chosen replica's generate()",
+    "engine_input": "vLLM's input processing and hand-over to its engine core",
+    "queue": "waiting in vLLM's scheduler for the first step",
+    "prefill": "first step to first token: prefill, pool loads, steps lost to preemption",
+    "first_out": "the first output's way back: engine, replica, Serve's stream, the ingress",
+}
 
 
 # Set by the ingress for each HTTP request; `generate` runs in its context when the ingress pulls the first output.
@@ -74,14 +94,29 @@ _current: contextvars.ContextVar[Dispatch | None] = contextvars.ContextVar("kvpo
 
 
 @contextlib.contextmanager
-def dispatching(tenant: str | None, retain: bool = False) -> Iterator[Dispatch]:
+def dispatching(tenant: str | None, retain: bool = False, received_at: float | None = None) -> Iterator[Dispatch]:
     """The scope of one HTTP request: engine calls made inside it report to the Dispatch it yields."""
-    dispatch = Dispatch(tenant=tenant, retain=retain)
+    dispatch = Dispatch(tenant=tenant, retain=retain, received_at=received_at)
     token = _current.set(dispatch)
     try:
         yield dispatch
     finally:
         _current.reset(token)
+
+
+def _replica_stages(sent_at: float, timing: dict[str, float] | None, first_out_at: float) -> dict[str, float]:
+    """The stages from sending a request to its replica until its first output is back at the ingress, from the
+    replica's timing (actors/engine.py); the time it does not account for is one `first_out` stage."""
+    if not timing:
+        return {"first_out": first_out_at - sent_at}
+    marks = [("dispatch", "replica_in"), ("engine_input", "queued"), ("queue", "scheduled"),
+             ("prefill", "first_token")]
+    stages, last = {}, sent_at
+    for stage, mark in marks:
+        if mark in timing:
+            stages[stage], last = timing[mark] - last, timing[mark]
+    stages["first_out"] = first_out_at - last
+    return stages
 
 
 class _ReplicaLost(Exception):
@@ -104,8 +139,10 @@ class RoutedEngineClient(EngineClient):
         # cross-node pool fetches: requests, wanted_blocks, blocks, failed (and failed:<cause>, the why of each)
         self.fetches: Counter = Counter()
         self._router_lost = False  # a call found the router gone for good: upkeep makes another
-        # (hashing s, router call s) of the last routed requests: what routing adds before a request is sent
-        self.route_times: deque[tuple[float, float]] = deque(maxlen=1000)
+        # finished requests, those vLLM preempted at least once, and their preemptions (vllm:num_preemptions)
+        self.preemptions: Counter = Counter()
+        # Dispatch.stages of the last requests: where the time to their first output went
+        self.stage_times: deque[dict[str, float]] = deque(maxlen=1000)
         # Pool keys of recent prompts' blocks by routing hash: a session's next turn hashes only its new blocks.
         self.key_memo = PoolKeyMemo(MEMO_BLOCKS)
         self._upkeeper: asyncio.Task | None = None
@@ -146,16 +183,16 @@ class RoutedEngineClient(EngineClient):
             except Exception:
                 logger.exception("ingress upkeep failed")
 
-    def routing_ms(self) -> dict:
-        """Percentiles of what routing added to the last routed requests (up to 1,000), in ms: hashing the prompt
-        (chain hashes and pool keys) and the router's answer (its decision plus the Ray round trip)."""
-        if not self.route_times:
-            return {"requests": 0}
-        ms = np.array(self.route_times) * 1e3
-        out = {"requests": len(ms)}
-        for i, stage in enumerate(("hashing", "router_call")):
-            p50, p99 = np.percentile(ms[:, i], [50, 99])
-            out[stage] = {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+    def stages_ms(self) -> dict:
+        """Percentiles, in ms, of where the last requests' (up to 1,000) time to their first output went, per stage
+        (STAGES; a stage a request did not go through, such as a pool fetch, is not counted for it)."""
+        out: dict[str, Any] = {"requests": len(self.stage_times)}
+        for stage in STAGES:
+            ms = np.array([t[stage] for t in self.stage_times if stage in t]) * 1e3
+            if len(ms):
+                p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+                out[stage] = {"requests": len(ms), "p50": round(float(p50), 3), "p90": round(float(p90), 3),
+                              "p99": round(float(p99), 3)}
         return out
 
     def ensure_upkeep(self) -> None:
@@ -170,6 +207,7 @@ class RoutedEngineClient(EngineClient):
                        reasoning_parser_kwargs=None) -> AsyncGenerator[Any, None]:
         if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt or prompt.get("type", "token") != "token":
             raise ValueError("this server takes text prompts only")
+        called_at = time.time()
         ids = list(prompt["prompt_token_ids"])
         dispatch = _current.get() or Dispatch()
         # A tenant's salt scopes its reuse; a request's own `cache_salt` scopes it further within the tenant.
@@ -184,7 +222,7 @@ class RoutedEngineClient(EngineClient):
                                   cache_salt=salt, generate_kwargs=kwargs)
             answered = False
             try:
-                served_by, outputs = await self._dispatch(gen, dispatch)
+                served_by, outputs = await self._dispatch(gen, dispatch, called_at)
                 dispatch.replica = served_by
                 try:
                     async for out in outputs:
@@ -208,40 +246,51 @@ class RoutedEngineClient(EngineClient):
                                       self.cfg.retry_after_s)
         raise dispatch.error
 
-    async def _dispatch(self, gen: GenerateRequest, dispatch: Dispatch):
+    async def _dispatch(self, gen: GenerateRequest, dispatch: Dispatch, called_at: float):
         """Route, fetch pool blocks the chosen node lacks, send to the replica; returns the serving replica and its
-        outputs once the first is in."""
+        outputs once the first is in. Times the stages on the way (Dispatch.stages)."""
         self.ensure_upkeep()
-        decision, keys = await self._route(gen.request_id, gen.prompt_token_ids, gen.cache_salt, dispatch.tenant)
+        stages = {"render": called_at - dispatch.received_at} if dispatch.received_at else {}
+        decision, keys = await self._route(gen.request_id, gen.prompt_token_ids, gen.cache_salt, dispatch.tenant,
+                                           stages)
         if decision and decision.fetch:
+            t0 = time.time()
             await self._fetch(decision.fetch, keys)
+            stages["pool_fetch"] = time.time() - t0
         if decision:
             gen.route = {"replica": decision.replica}
             dispatch.reason, dispatch.predicted_cached_tokens = decision.reason, decision.predicted_cached_tokens
+        sent_at = time.time()
         stream = self.engine.options(stream=True).generate.remote(gen)
-        return await self._started(self._tracked(stream, gen.request_id, decision), gen.request_id)
+        first, outputs = await self._started(self._tracked(stream, gen.request_id, decision), gen.request_id)
+        stages.update(_replica_stages(sent_at, first.timing if first else None, time.time()))
+        dispatch.stages = stages
+        self.stage_times.append(stages)
+        return (first.replica if first else None), outputs
 
-    async def _route(self, rid: str, ids: list[int], salt: str | None,
-                     tenant: str | None) -> tuple[Decision | None, list[str] | None]:
+    async def _route(self, rid: str, ids: list[int], salt: str | None, tenant: str | None,
+                     stages: dict[str, float]) -> tuple[Decision | None, list[str] | None]:
         """Ask the router for the cheapest replica; None (Serve's fallback rule) if it is off, down or slow.
-        Also returns the prompt's pool keys (when the pool is on)."""
+        Also returns the prompt's pool keys (when the pool is on). Times hashing and the router call into
+        `stages`."""
         if self.router is None:
             return None, None
         # Only full blocks before the last token can be cache hits (the engine always computes the last token).
         # A salted prompt's chains start from its salt, as vLLM's do (the salt is the first block's extra key).
         # Pool keys here only predict (the router's pool view, fetches: the engine computes its own for loads), so
         # the 64-bit routing hash is a good enough identity to memoise them by.
-        t0 = time.perf_counter()
+        t0 = time.time()
         tokens = token_array(ids)[:-1]
         hashes = block_hashes(tokens, self.cfg.block_size, (salt,) if salt else ())
         keys = self.key_memo.keys(tokens, self.cfg.block_size, request_namespace(salt),
                                   hashes.tolist()) if self.cfg.pool_enabled else None
         key_ids = pool_key_ids(keys) if keys is not None else None
-        t1 = time.perf_counter()
+        t1 = time.time()
+        stages["hashing"] = t1 - t0
         try:
             decision = await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), key_ids, tenant),
                                               timeout=self.cfg.route_timeout_s)
-            self.route_times.append((t1 - t0, time.perf_counter() - t1))
+            stages["router_call"] = time.time() - t1
             return decision, keys
         except Exception as e:
             logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)
@@ -274,10 +323,10 @@ class RoutedEngineClient(EngineClient):
         self.fetches[f"failed:{cause}"] += 1
 
     async def _started(self, outputs: AsyncIterator[ReplicaOutput],
-                       rid: str) -> tuple[str | None, AsyncIterator[Any]]:
+                       rid: str) -> tuple[ReplicaOutput | None, AsyncIterator[Any]]:
         """Wait for the replica's first output before answering, so that a full queue is a 429 with Retry-After
-        and a failed engine a 503, not a broken 200 stream. Returns the serving replica (the first output names
-        it) and the RequestOutputs."""
+        and a failed engine a 503, not a broken 200 stream. Returns the first output (it names the serving replica
+        and its timing) and the RequestOutputs."""
         try:
             first = await outputs.__anext__()
         except StopAsyncIteration:
@@ -304,7 +353,7 @@ class RoutedEngineClient(EngineClient):
             async for o in outputs:
                 yield o.output
 
-        return (first.replica if first else None), replay_first()
+        return first, replay_first()
 
     async def _tracked(self, outputs: AsyncIterator[ReplicaOutput], rid: str,
                        decision: Decision | None) -> AsyncIterator[ReplicaOutput]:
@@ -318,6 +367,9 @@ class RoutedEngineClient(EngineClient):
                 first = False
                 if o.output is not None:
                     cached = max(cached or 0, o.output.num_cached_tokens or 0)
+                if o.preemptions is not None:
+                    self.preemptions.update(finished=1, preempted_requests=o.preemptions > 0,
+                                            preemptions=o.preemptions)
                 yield o
             ok = True
         finally:

@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import time
 from collections import Counter
 from typing import Any, AsyncIterator, Callable
 
@@ -264,7 +265,8 @@ class OpenAIIngress:
         """For people: the router's view (per replica hit rate, prediction accuracy, queues, decisions by reason)
         and the pool's, per node (bytes and blocks per tier, live-session blocks, demotions, evictions, pulls), and
         this ingress's cross-node fetches (requests, blocks wanted, blocks that arrived, failures) and what routing
-        added to its requests (routing_ms)."""
+        added to its requests, with the rest of where their time to a first output went (stages_ms, see
+        app/engine_client.py STAGES), and how often vLLM preempted them (preemptions)."""
         import asyncio
 
         tenant = self._tenant(request)
@@ -284,7 +286,8 @@ class OpenAIIngress:
                 "pool": {node: await ask(shard) for node, shard in list(self.client.shards.items())}
                 if self.cfg.pool_enabled else None,
                 "pool_off": self.serving["pool_off"],  # why the pool cannot serve this model, if so
-                "fetches": dict(self.client.fetches), "routing_ms": self.client.routing_ms(),
+                "fetches": dict(self.client.fetches), "stages_ms": self.client.stages_ms(),
+                "preemptions": dict(self.client.preemptions),
                 "prompt_tokens": self.serving["prompt_tokens"].stats()}
 
     @api.get("/v1/models")
@@ -296,33 +299,36 @@ class OpenAIIngress:
     async def chat_completions(self, request: Request):
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
+        received_at = time.time()
         tenant = self._tenant(request)
         req = _parse(await request.body(), ChatCompletionRequest)
         return await self._respond(self.serving["chat"].create_chat_completion(req, request), tenant,
-                                   stream=bool(req.stream))
+                                   stream=bool(req.stream), received_at=received_at)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+        received_at = time.time()
         tenant = self._tenant(request)
         req = _parse(await request.body(), CompletionRequest)
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], (str, list)) \
                 and len(req.prompt) != 1:
             raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
         return await self._respond(self.serving["completion"].create_completion(req, request), tenant,
-                                   stream=bool(req.stream))
+                                   stream=bool(req.stream), received_at=received_at)
 
     @api.post("/v1/messages")
     async def messages(self, request: Request):
         from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
 
+        received_at = time.time()
         tenant = self._tenant(request)
         raw = await request.body()
         req = _parse(raw, AnthropicMessagesRequest)
         return await self._respond(self.serving["messages"].create_messages(req, request), tenant,
                                    stream=bool(req.stream), dump=lambda r: r.model_dump(exclude_none=True),
-                                   retain=_asks_caching(_json(raw)))
+                                   retain=_asks_caching(_json(raw)), received_at=received_at)
 
     @api.post("/v1/messages/count_tokens")
     async def count_tokens(self, request: Request):
@@ -354,13 +360,14 @@ class OpenAIIngress:
         return tenant_of(self.cfg, request)
 
     async def _respond(self, call, tenant: str | None, stream: bool,
-                       dump: Callable[[Any], Any] = lambda r: r.model_dump(), retain: bool = False) -> Response:
+                       dump: Callable[[Any], Any] = lambda r: r.model_dump(), retain: bool = False,
+                       received_at: float | None = None) -> Response:
         """Run one of vLLM's serving calls and answer it. A failure before the first output (a full queue, lost
         replicas) is answered with its status, also for streams: they start only once the first output is in."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-        with dispatching(tenant, retain) as dispatch:
+        with dispatching(tenant, retain, received_at) as dispatch:
             try:
                 result = await call
             except ServingError:

@@ -56,6 +56,11 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
     mismatched = {name: r["mismatched"] for name, r in res.items()}
     for name in ("no-cache", "kvpool"):
         assert mismatched[name] == 0, (name, res[name]["mismatches"], mismatched)
+    # KV-Pool's ingress says where its requests' time to a first output went and how often vLLM preempted them.
+    stages, preemptions = res["kvpool"]["stages_ms"], res["kvpool"]["preemptions"]
+    assert stages["requests"] >= 12 and stages["prefill"]["p50"] > 0, stages
+    assert preemptions["finished"] >= 12, preemptions
+    assert "stages_ms" not in res["rayllm-prefix"]
     saved = json.loads(out.read_text())
     assert {k: v for k, v in saved["results"].items() if k in res} == res
     for name, records in saved["records"].items():

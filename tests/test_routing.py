@@ -58,6 +58,10 @@ def test_multi_turn_sessions_hit_cache_every_turn_and_spread(tiny_app):
             msgs.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
             cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
             predicted = int(r.headers["x-kvpool-predicted-cached-tokens"])
+            # Server-Timing: the stages to the first output, which cannot add up to more than the whole response.
+            timing = {k: float(v) for k, v in (i.split(";dur=") for i in r.headers["server-timing"].split(", "))}
+            assert {"render", "router_call", "queue", "prefill", "first_out"} <= set(timing), timing
+            assert 0 < sum(timing.values()) <= r.elapsed.total_seconds() * 1e3, timing
             replicas.add(r.headers["x-kvpool-replica"])
             if turn > 0:
                 turns += 1
@@ -70,10 +74,17 @@ def test_multi_turn_sessions_hit_cache_every_turn_and_spread(tiny_app):
     st = stats(url)
     assert st["decisions"].get("prefix", 0) >= turns
     assert all(s["prediction_exact_rate"] is not None for s in st["replicas"].values() if s["live"])
-    # The ingress says what routing added to these requests: hashing and the router's answer.
-    routing = httpx.get(f"{url}/v1/kvpool/stats", timeout=10).json()["routing_ms"]
-    assert routing["requests"] >= 4 * len(sessions)
-    assert all(0 < routing[stage]["p50"] <= routing[stage]["p99"] for stage in ("hashing", "router_call"))
+    # The ingress says where these requests' time to a first output went, routing included.
+    stages = httpx.get(f"{url}/v1/kvpool/stats", timeout=10).json()["stages_ms"]
+    assert stages["requests"] >= 4 * len(sessions)
+    for stage in ("render", "hashing", "router_call", "dispatch", "engine_input", "queue", "prefill", "first_out"):
+        assert stages[stage]["requests"] >= 4 * len(sessions), stage
+        assert 0 <= stages[stage]["p50"] <= stages[stage]["p90"] <= stages[stage]["p99"], stage
+    assert stages["prefill"]["p50"] > 0 and stages["router_call"]["p50"] > 0
+    # vLLM's preemptions of these requests are counted (none need be: each replica's KV holds them all).
+    preemptions = httpx.get(f"{url}/v1/kvpool/stats", timeout=10).json()["preemptions"]
+    assert preemptions["finished"] >= 4 * len(sessions)
+    assert preemptions["preempted_requests"] <= min(preemptions["finished"], preemptions["preemptions"])
 
 
 def test_evictions_leave_the_index(tiny_app):

@@ -205,7 +205,7 @@ def run(args) -> dict:
     import ray
     from ray import serve
 
-    from kvpool.bench.replay import Bound, load_sessions, replay, routing_ms, summarize
+    from kvpool.bench.replay import Bound, ingress_figures, load_sessions, replay, summarize
     from kvpool.model import resolve_model
     from kvpool.prompt import PromptRenderer
 
@@ -242,8 +242,7 @@ def run(args) -> dict:
                 startup = _wait_ready(url)
                 records[name], makespan = asyncio.run(replay_with_chaos(name, url))
                 results[name].update(startup_s=round(startup, 1), **summarize(records[name], makespan))
-                if routing := routing_ms(url):
-                    results[name]["routing_ms"] = routing
+                results[name].update(ingress_figures(url))
                 if chaos_at is not None:
                     after = [r for r in records[name] if chaos_at <= r.sent_at < chaos_at + CHAOS_WINDOW_S]
                     window = summarize(after, CHAOS_WINDOW_S)

@@ -169,11 +169,13 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, rec
         rec.error = f"{type(e).__name__}: {e}"
 
 
-def routing_ms(url: str) -> dict | None:
-    """What a KV-Pool app's routing added to its last requests (prompt hashing, the router's answer; see
-    /v1/kvpool/stats); None from any other server."""
+def ingress_figures(url: str) -> dict:
+    """From a KV-Pool app's /v1/kvpool/stats: where its last requests' time to a first output went, per stage
+    (stages_ms: render, hashing, the router's answer, dispatch, engine queue, prefill, ...) and how often vLLM
+    preempted them (preemptions); nothing from any other server."""
     r = httpx.get(f"{url}/v1/kvpool/stats", timeout=30)
-    return r.json().get("routing_ms") if r.status_code == 200 else None
+    stats = r.json() if r.status_code == 200 else {}
+    return {k: stats[k] for k in ("stages_ms", "preemptions") if k in stats}
 
 
 async def replay(url: str, sessions: list[Session], duration_s: float, max_turns: int, think_scale: float,
@@ -272,8 +274,7 @@ def run(args) -> dict:
     result = {"bench": "replay", "url": args.url, "sessions": args.sessions, "trace": str(args.trace),
               "trace_format": args.trace_format or detect_format(Path(args.trace)), "max_context": args.max_context,
               **summarize(records, wall)}
-    if routing := routing_ms(url):
-        result["routing_ms"] = routing
+    result.update(ingress_figures(url))
     if args.verify:
         from kvpool.bench.verify import verify_runs
 

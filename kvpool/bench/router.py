@@ -7,7 +7,7 @@ agent prompts (a session's next turn: its whole context plus a little new tool o
   cold (a session's first turn) and warm (the previous turn's pool keys memoised, kvpool.hashing.PoolKeyMemo);
 - the router's decision from what the ingress passes (routing hashes and pool-key ids as arrays): the prefix lookup
   over every replica, the pool's offers and the cost rule (RouterCore.route; the Ray round trip is not included:
-  the live figure is `routing_ms` in /v1/kvpool/stats).
+  the live figure is `router_call` in `stages_ms` of /v1/kvpool/stats).
 Events/s counts block events (a BlockStored of n blocks is n). Last, churn (an engine's steady state): each step
 evicts the oldest session's blocks on a replica and stores a new session's there, as events on the wire.
 """
