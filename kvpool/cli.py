@@ -102,6 +102,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--pool-disk-dir", default="",
                        help="where the disk tier lives, on a real disk; default: <KVPOOL_CACHE_DIR>/bench-disk")
 
+    overhead = bench.add_parser("overhead", help="where time to first token goes, per stage: cold, cached and "
+                                                 "pool-loaded prompts, KV-Pool against Ray Serve LLM")
+    deploy_args(overhead)
+    overhead.set_defaults(kv_cache_bytes=0)
+    overhead.add_argument("--prompts", type=int, default=5, help="prompts, each sent cold, cached and pool-loaded")
+    overhead.add_argument("--prompt-tokens", type=int, default=2000, help="words per prompt (about as many tokens)")
+    overhead.add_argument("--max-tokens", type=int, default=8)
+
     overload = bench.add_parser("overload", help="more requests at once than the server admits, memory sampled")
     overload.add_argument("--url", default="http://127.0.0.1:8000")
     overload.add_argument("--requests", type=int, default=1000)
@@ -201,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         from kvpool.bench.replay import run
     elif args.bench == "soak":
         from kvpool.bench.soak import run
+    elif args.bench == "overhead":
+        from kvpool.bench.overhead import run
     elif args.bench == "overload":
         from kvpool.bench.overload import run
     else:
