@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--replicas", type=int, default=2)
         p.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="KV memory per replica")
         p.add_argument("--max-model-len", type=int, default=8192)
+        p.add_argument("--max-num-batched-tokens", type=int, default=0,
+                       help="tokens an engine schedules per step, every configuration alike (0: KV-Pool's default)")
         p.add_argument("--router-port", type=int, default=5601)
         p.add_argument("--http-port", type=int, default=8000)
         p.add_argument("--json", action="store_true", help="no progress bar; print the result as one JSON line last")
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     replay_args(compare)
     deploy_args(compare)
     compare.add_argument("--configs", nargs="*", choices=CONFIGS, help="a subset, in this order")
-    compare.add_argument("--chaos", default="", metavar="kill-replica@T",
-                         help="kill one engine replica T seconds into each configuration's run")
+    compare.add_argument("--chaos", default="", metavar="{kill,add}-replica@T",
+                         help="kill one engine replica (or add one) T seconds into each configuration's run")
     compare.add_argument("--smoke", action="store_true",
                          help="4 sessions, 3 turns, short contexts, --verify, and (unless --configs) only "
                               "no-cache, the prefix-routing peer and KV-Pool: for CI")
@@ -193,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
             args.sessions, args.turns, args.max_context, args.max_output, args.duration = 4, 3, 1500, 8, 0
             args.verify = True
             args.configs = args.configs or SMOKE_CONFIGS
-        if args.chaos and not re.fullmatch(r"kill-replica@\d+(\.\d+)?", args.chaos):
-            parser.error("--chaos takes kill-replica@SECONDS")
+        if args.chaos and not re.fullmatch(r"(kill|add)-replica@\d+(\.\d+)?", args.chaos):
+            parser.error("--chaos takes kill-replica@SECONDS or add-replica@SECONDS")
         result = compare_run(args)
         if args.json:
             print(json.dumps(result))

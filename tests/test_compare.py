@@ -1,5 +1,5 @@
-"""`kvpool compare --smoke`: every configuration, peers included, deploys and answers a real replay, and every answer
-is checked against a no-cache reference (--smoke turns --verify on)."""
+"""`kvpool compare --smoke`: every configuration, peers included, deploys and answers a real replay through a churn
+event (a replica added), and every answer is checked against a no-cache reference (--smoke turns --verify on)."""
 
 import json
 import os
@@ -21,7 +21,7 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
     out = tmp_path / "compare.json"
     cmd = [sys.executable, "-m", "kvpool.cli", "compare", "--smoke", "--json", "--model", str(tiny_model_dir),
            "--kv-cache-bytes", str(32 << 20), "--max-model-len", "4096", "--http-port", "8100",
-           "--router-port", "5611", "--trace", str(TRACE), "--out", str(out)]
+           "--router-port", "5611", "--trace", str(TRACE), "--out", str(out), "--chaos", "add-replica@1"]
     # Its own Ray cluster, beside the test session's.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1400, env=env)
@@ -36,6 +36,10 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
         assert "error" not in r, (name, r)
         # A fixed workload: every configuration served all 4 sessions x 3 turns.
         assert r["errors"] == 0 and r["requests"] == 12, (name, r)
+        # The churn event, the same for every configuration: a third engine replica added 1 s in (Serve's external
+        # scaling API; the running replicas untouched), and the minute after it reported.
+        assert r["chaos_event"].endswith(": 3 replicas"), (name, r)
+        assert r["after_chaos"]["requests"] > 0 and r["after_chaos"]["errors"] == 0, (name, r)
     # Equal engine KV; KV-Pool's host tier, as large as all replicas' engine KV, is a row of its own.
     host = res["kvpool"]["host_tier_bytes"]
     assert host == 2 * (32 << 20) and res["kvpool"]["engine_kv_bytes_per_replica"] == 32 << 20

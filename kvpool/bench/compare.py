@@ -20,7 +20,8 @@ The workload is fixed: by default every configuration serves every turn of every
 table compares the time to finish it (makespan_s), input tokens/s over it and percentiles over the same requests.
 With `--duration`, runs stop at a deadline and only the requests that every configuration completed count (the
 matched subset; the result says how many). `--chaos kill-replica@T` kills one engine replica T seconds into every
-configuration's run (Serve restarts it) and reports TTFT p90 and hit rate over the minute after it.
+configuration's run (Serve restarts it), `--chaos add-replica@T` adds one (Serve's external scaling API); either
+reports TTFT p90 and hit rate over the minute after it.
 
 Each app is deployed, replayed, then deleted before the next starts, so they never share a core. `--out X.json` also
 writes X-turns.png (every configuration's turn curves) and X-summary.png (bars), see kvpool.bench.plots.
@@ -86,7 +87,9 @@ def scratch_dirs(args) -> tuple[str, str]:
     return host, tempfile.mkdtemp(prefix="kvpool-bench-", dir=args.pool_disk_dir)
 
 
-def _deploy(name: str, args, model_path: str, pool_dirs: tuple[str, str]):
+def _deploy(name: str, args, model_path: str, pool_dirs: tuple[str, str], scalable: bool = False):
+    """Deploy one configuration as Serve app `name`; returns its URL. `scalable`: with Serve's external scaling
+    API on, so that replicas can be added while it runs (add_one_engine_replica)."""
     from ray import serve
 
     from app.builder import build_app
@@ -98,7 +101,9 @@ def _deploy(name: str, args, model_path: str, pool_dirs: tuple[str, str]):
                        block_size=32, enable_prefix_caching=name != "no-cache", prefix_routing=name.startswith("kvpool"),
                        pool_enabled=name == "kvpool", router_port=args.router_port,
                        pool_host_dir=f"{pool_dirs[0]}/{name}", pool_disk_dir=f"{pool_dirs[1]}/{name}",
-                       pool_host_bytes=mem["host_tier_bytes"], pool_disk_bytes=mem["disk_tier_bytes"])
+                       pool_host_bytes=mem["host_tier_bytes"], pool_disk_bytes=mem["disk_tier_bytes"],
+                       **({"max_num_batched_tokens": args.max_num_batched_tokens}
+                          if args.max_num_batched_tokens else {}))
     if name.startswith("rayllm"):
         from ray.serve.llm import LLMConfig, build_openai_app
 
@@ -129,7 +134,8 @@ def _deploy(name: str, args, model_path: str, pool_dirs: tuple[str, str]):
         app = build_openai_app({"llm_configs": [llm]})
     else:
         app = build_app(cfg)
-    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False,
+              external_scaler_enabled=scalable)
     return f"http://127.0.0.1:{args.http_port}/{name}"
 
 
@@ -143,18 +149,46 @@ def matched_subset(runs: dict[str, list]) -> dict[str, list]:
     return {name: [c[k] for k in sorted(keys)] for name, c in completed.items()}
 
 
+def engine_replica_actors(app_name: str) -> list[str]:
+    """The live engine replicas of a Serve application, by actor name (SERVE_REPLICA::app#deployment#id): every
+    replica but the ingress's, whichever builder made the app."""
+    import ray
+
+    # Named actors from the cluster's control store (Ray's state API would need the dashboard, which is off).
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["namespace"] == "serve" and a["name"].startswith(prefix) and "ingress" not in a["name"].lower())
+    if not names:
+        raise RuntimeError(f"no engine replica of {app_name}")
+    return names
+
+
 def kill_one_engine_replica(app_name: str) -> str:
     """Kill one engine replica of a Serve application (Serve starts a new one); returns its actor name."""
     import ray
-    from ray.util.state import list_actors
 
-    prefix = f"SERVE_REPLICA::{app_name}#"
-    names = sorted(a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-                   if a.name and a.name.startswith(prefix) and "ingress" not in a.name.lower())
-    if not names:
-        raise RuntimeError(f"no engine replica of {app_name} to kill")
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=False)
-    return names[0]
+    name = engine_replica_actors(app_name)[0]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    return name
+
+
+def add_one_engine_replica(app_name: str) -> str:
+    """Scale the engine deployment of a Serve application up by one replica, through Serve's external scaling API
+    (what the dashboard's scale endpoint calls; the app was deployed with it enabled), without touching the running
+    replicas; returns the deployment and its new replica count."""
+    import ray
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    names = engine_replica_actors(app_name)
+    deployment = names[0].split("#")[1]
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    ray.get(controller.update_deployment_replicas.remote(DeploymentID(name=deployment, app_name=app_name),
+                                                         len(names) + 1))
+    return f"{deployment}: {len(names) + 1} replicas"
+
+
+CHAOS = {"kill-replica": kill_one_engine_replica, "add-replica": add_one_engine_replica}
 
 
 def _wait_ready(url: str, timeout: float = 600) -> float:
@@ -206,6 +240,7 @@ def run(args) -> dict:
     from ray import serve
 
     from kvpool.bench.replay import Bound, ingress_figures, load_sessions, replay, summarize
+    from kvpool.config import KVPoolConfig
     from kvpool.model import resolve_model
     from kvpool.prompt import PromptRenderer
 
@@ -214,7 +249,8 @@ def run(args) -> dict:
     sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns,
                              args.trace_format, vocab_size=len(renderer.tokenizer))
     configs = args.configs or CONFIGS
-    chaos_at = float(args.chaos.split("@")[1]) if args.chaos else None
+    chaos, chaos_at = args.chaos.split("@") if args.chaos else (None, None)
+    chaos_at = float(chaos_at) if chaos_at else None
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
     results: dict[str, dict] = {}
@@ -227,8 +263,8 @@ def run(args) -> dict:
                                          verify=args.verify))
         if chaos_at is not None:
             done, _ = await asyncio.wait([run], timeout=chaos_at)
-            if not done:
-                await asyncio.get_running_loop().run_in_executor(None, kill_one_engine_replica, name)
+            results[name]["chaos_event"] = f"none: the run ended before {chaos_at:g} s" if done else \
+                await asyncio.get_running_loop().run_in_executor(None, CHAOS[chaos], name)
         return await run
 
     try:
@@ -237,13 +273,13 @@ def run(args) -> dict:
             if reason := skip_reason(name):
                 results[name]["skipped"] = reason
                 continue
-            url = _deploy(name, args, model_path, pool_dirs)
+            url = _deploy(name, args, model_path, pool_dirs, scalable=chaos == "add-replica")
             try:
                 startup = _wait_ready(url)
                 records[name], makespan = asyncio.run(replay_with_chaos(name, url))
                 results[name].update(startup_s=round(startup, 1), **summarize(records[name], makespan))
                 results[name].update(ingress_figures(url))
-                if chaos_at is not None:
+                if chaos_at is not None and not results[name]["chaos_event"].startswith("none"):
                     after = [r for r in records[name] if chaos_at <= r.sent_at < chaos_at + CHAOS_WINDOW_S]
                     window = summarize(after, CHAOS_WINDOW_S)
                     results[name]["after_chaos"] = {k: window[k] for k in ("requests", "errors", "ttft_p90_s",
@@ -277,7 +313,8 @@ def run(args) -> dict:
            "kv_cache_bytes_per_replica": args.kv_cache_bytes, "pool_host_bytes": args.pool_host_bytes,
            "pool_disk_bytes": args.pool_disk_bytes, "sessions": args.sessions, "turns": args.turns or "all",
            "duration_s": args.duration or None, "matched_subset_requests": matched, "chaos": args.chaos,
-           "max_context": args.max_context, "trace": args.trace,
+           "max_context": args.max_context, "trace": args.trace, "max_num_batched_tokens":
+               args.max_num_batched_tokens or KVPoolConfig.model_fields["max_num_batched_tokens"].default,
            "trace_format": args.trace_format or detect_format(Path(args.trace)), "results": results}
     if args.out:
         from kvpool.bench.plots import plot_summaries, plot_turns
