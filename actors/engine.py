@@ -234,12 +234,13 @@ class EventRelay:
                 pub.close(linger=0)
 
 
-def _first_output_timing(arrived: float, stats) -> dict[str, float]:
+def _first_output_timing(arrived: float, arrived_monotonic: float, stats) -> dict[str, float]:
     """A request's way through this replica up to its first token, in wall-clock seconds: vLLM's engine core stamps
-    its events with time.monotonic() (one clock for the whole node), turned into wall-clock time here."""
+    its events with time.monotonic() (one clock for the whole node), turned into wall-clock time by the two clocks'
+    offset at the request's arrival."""
     timing = {"replica_in": arrived}
     if stats is not None and stats.first_token_ts:
-        to_wall = time.time() - time.monotonic()
+        to_wall = arrived - arrived_monotonic
         timing.update(queued=stats.queued_ts + to_wall, scheduled=stats.scheduled_ts + to_wall,
                       first_token=stats.first_token_ts + to_wall)
     return timing
@@ -305,12 +306,12 @@ class EngineReplica:
         if final_only:
             params = params.clone()
             params.output_kind = RequestOutputKind.DELTA
-        replica, arrived = self.replica_id, time.time()
+        replica, arrived, arrived_monotonic = self.replica_id, time.time(), time.monotonic()
         preemptions = None
         async for out in self.engine.generate(prompt, params, req.request_id, **req.generate_kwargs):
             stats = out.metrics
             out.prompt_token_ids = out.metrics = None  # the ingress has the prompt; the stats are read here
-            timing = _first_output_timing(arrived, stats) if replica else None
+            timing = _first_output_timing(arrived, arrived_monotonic, stats) if replica else None
             preemptions = stats.num_preemptions if stats is not None and out.finished else None
             if not final_only:
                 yield ReplicaOutput(out, replica, timing, preemptions)

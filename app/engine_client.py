@@ -82,10 +82,13 @@ STAGES = {
     "router_call": "the router actor's decision and the Ray round trip",
     "pool_fetch": "copying pool blocks from another node's pool (only when the route asks for it)",
     "dispatch": "Serve's handle and request router to the chosen replica's generate()",
-    "engine_input": "vLLM's input processing and hand-over to its engine core",
+    "retry": "earlier attempts on replicas lost before their first output (only when there were some)",
+    "engine_input": "vLLM's input processing, hand-over to its engine core and, under load mostly, the wait for the "
+                    "engine core's step in progress to end (vLLM takes new requests between steps)",
     "queue": "waiting in vLLM's scheduler for the first step",
     "prefill": "first step to first token: prefill, pool loads, steps lost to preemption",
     "first_out": "the first output's way back: engine, replica, Serve's stream, the ingress",
+    "replica": "dispatch to first output back, unsplit: the replica did not time its stages (no first token)",
 }
 
 
@@ -106,9 +109,9 @@ def dispatching(tenant: str | None, retain: bool = False, received_at: float | N
 
 def _replica_stages(sent_at: float, timing: dict[str, float] | None, first_out_at: float) -> dict[str, float]:
     """The stages from sending a request to its replica until its first output is back at the ingress, from the
-    replica's timing (actors/engine.py); the time it does not account for is one `first_out` stage."""
+    replica's timing (actors/engine.py)."""
     if not timing:
-        return {"first_out": first_out_at - sent_at}
+        return {"replica": first_out_at - sent_at}
     marks = [("dispatch", "replica_in"), ("engine_input", "queued"), ("queue", "scheduled"),
              ("prefill", "first_token")]
     stages, last = {}, sent_at
@@ -222,7 +225,7 @@ class RoutedEngineClient(EngineClient):
                                   cache_salt=salt, generate_kwargs=kwargs)
             answered = False
             try:
-                served_by, outputs = await self._dispatch(gen, dispatch, called_at)
+                served_by, outputs = await self._dispatch(gen, dispatch, called_at, attempt)
                 dispatch.replica = served_by
                 try:
                     async for out in outputs:
@@ -236,6 +239,8 @@ class RoutedEngineClient(EngineClient):
                     if answered:
                         raise
                     raise _ReplicaLost(type(e).__name__) from None
+                if dispatch.stages:  # once per request, its last attempt's (earlier ones: its `retry` stage)
+                    self.stage_times.append(dispatch.stages)
                 return
             except _ReplicaLost as e:
                 logger.warning("request %s lost its replica (%s): attempt %d", rid, e, attempt + 1)
@@ -246,17 +251,19 @@ class RoutedEngineClient(EngineClient):
                                       self.cfg.retry_after_s)
         raise dispatch.error
 
-    async def _dispatch(self, gen: GenerateRequest, dispatch: Dispatch, called_at: float):
+    async def _dispatch(self, gen: GenerateRequest, dispatch: Dispatch, called_at: float, attempt: int):
         """Route, fetch pool blocks the chosen node lacks, send to the replica; returns the serving replica and its
         outputs once the first is in. Times the stages on the way (Dispatch.stages)."""
         self.ensure_upkeep()
         stages = {"render": called_at - dispatch.received_at} if dispatch.received_at else {}
+        if attempt:
+            stages["retry"] = time.time() - called_at
         decision, keys = await self._route(gen.request_id, gen.prompt_token_ids, gen.cache_salt, dispatch.tenant,
                                            stages)
         if decision and decision.fetch:
-            t0 = time.time()
+            t0 = time.perf_counter()
             await self._fetch(decision.fetch, keys)
-            stages["pool_fetch"] = time.time() - t0
+            stages["pool_fetch"] = time.perf_counter() - t0
         if decision:
             gen.route = {"replica": decision.replica}
             dispatch.reason, dispatch.predicted_cached_tokens = decision.reason, decision.predicted_cached_tokens
@@ -265,7 +272,6 @@ class RoutedEngineClient(EngineClient):
         first, outputs = await self._started(self._tracked(stream, gen.request_id, decision), gen.request_id)
         stages.update(_replica_stages(sent_at, first.timing if first else None, time.time()))
         dispatch.stages = stages
-        self.stage_times.append(stages)
         return (first.replica if first else None), outputs
 
     async def _route(self, rid: str, ids: list[int], salt: str | None, tenant: str | None,
@@ -279,18 +285,17 @@ class RoutedEngineClient(EngineClient):
         # A salted prompt's chains start from its salt, as vLLM's do (the salt is the first block's extra key).
         # Pool keys here only predict (the router's pool view, fetches: the engine computes its own for loads), so
         # the 64-bit routing hash is a good enough identity to memoise them by.
-        t0 = time.time()
+        t0 = time.perf_counter()
         tokens = token_array(ids)[:-1]
         hashes = block_hashes(tokens, self.cfg.block_size, (salt,) if salt else ())
         keys = self.key_memo.keys(tokens, self.cfg.block_size, request_namespace(salt),
                                   hashes.tolist()) if self.cfg.pool_enabled else None
         key_ids = pool_key_ids(keys) if keys is not None else None
-        t1 = time.time()
+        t1 = time.perf_counter()
         stages["hashing"] = t1 - t0
         try:
             decision = await asyncio.wait_for(self.router.route.remote(rid, hashes, len(ids), key_ids, tenant),
                                               timeout=self.cfg.route_timeout_s)
-            stages["router_call"] = time.time() - t1
             return decision, keys
         except Exception as e:
             logger.warning("routing %s by the fallback rule: router %s", rid, type(e).__name__)
@@ -298,6 +303,8 @@ class RoutedEngineClient(EngineClient):
             # A late answer may still have counted this request against a replica's queue: take it back.
             self.router.finished.remote(rid, None)
             return None, keys
+        finally:  # answered or not (a timeout is the slowest call of all)
+            stages["router_call"] = time.perf_counter() - t1
 
     async def _fetch(self, fetch: Fetch, keys: list[str]) -> None:
         """Have the chosen replica's node copy the blocks it lacks from another node's pool. Best effort: what does
@@ -368,7 +375,7 @@ class RoutedEngineClient(EngineClient):
                 if o.output is not None:
                     cached = max(cached or 0, o.output.num_cached_tokens or 0)
                 if o.preemptions is not None:
-                    self.preemptions.update(finished=1, preempted_requests=o.preemptions > 0,
+                    self.preemptions.update(finished=1, preempted_requests=int(o.preemptions > 0),
                                             preemptions=o.preemptions)
                 yield o
             ok = True

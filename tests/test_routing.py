@@ -242,3 +242,17 @@ def test_the_event_port_takes_only_the_apps_engines(tiny_app):
     r = chat(url, msgs, max_tokens=1)
     assert int(r.headers["x-kvpool-predicted-cached-tokens"]) == 0
     assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_the_replica_stages_split_the_time_from_sending_to_the_first_output_back():
+    from app.engine_client import STAGES, _replica_stages
+
+    timing = {"replica_in": 10.2, "queued": 10.5, "scheduled": 11.0, "first_token": 13.0}
+    stages = _replica_stages(10.0, timing, 13.25)
+    assert list(stages) == ["dispatch", "engine_input", "queue", "prefill", "first_out"]
+    assert [round(v, 6) for v in stages.values()] == [0.2, 0.3, 0.5, 2.0, 0.25]
+    assert set(stages) <= set(STAGES)
+    # A replica that could not time its stages (no first token yet): the whole span, unsplit, under its own name.
+    assert _replica_stages(10.0, {"replica_in": 10.2}, 13.25) == {"dispatch": 10.2 - 10.0,
+                                                                  "first_out": 13.25 - 10.2}
+    assert _replica_stages(10.0, None, 13.25) == {"replica": 13.25 - 10.0}
