@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     overhead = bench.add_parser("overhead", help="where time to first token goes, per stage: cold, cached and "
                                                  "pool-loaded prompts, KV-Pool against Ray Serve LLM")
     deploy_args(overhead)
-    overhead.set_defaults(kv_cache_bytes=0)
+    overhead.set_defaults(kv_cache_bytes=0, replicas=1)
     overhead.add_argument("--prompts", type=int, default=5, help="prompts, each sent cold, cached and pool-loaded")
-    overhead.add_argument("--prompt-tokens", type=int, default=2000, help="words per prompt (about as many tokens)")
+    overhead.add_argument("--prompt-words", type=int, default=2000, help="words per prompt (about as many tokens)")
     overhead.add_argument("--max-tokens", type=int, default=8)
 
     overload = bench.add_parser("overload", help="more requests at once than the server admits, memory sampled")

@@ -39,6 +39,7 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
         # The churn event, the same for every configuration: a third engine replica added 1 s in (Serve's external
         # scaling API; the running replicas untouched), and the minute after it reported.
         assert r["chaos_event"].endswith(": 3 replicas"), (name, r)
+        assert sum(r["engine_replicas_at_end"].values()) == 3, (name, r)  # as Serve counts them, starting or running
         assert r["after_chaos"]["requests"] > 0 and r["after_chaos"]["errors"] == 0, (name, r)
     # Equal engine KV; KV-Pool's host tier, as large as all replicas' engine KV, is a row of its own.
     host = res["kvpool"]["host_tier_bytes"]

@@ -150,8 +150,9 @@ def matched_subset(runs: dict[str, list]) -> dict[str, list]:
 
 
 def engine_replica_actors(app_name: str) -> list[str]:
-    """The live engine replicas of a Serve application, by actor name (SERVE_REPLICA::app#deployment#id): every
-    replica but the ingress's, whichever builder made the app."""
+    """The engine replicas of a Serve application (running, starting or stopping), by actor name
+    (SERVE_REPLICA::app#deployment#id): every replica but the ingress's, whichever builder made the app (KV-Pool's
+    ingress is OpenAIIngress, Ray Serve LLM's OpenAiIngress)."""
     import ray
 
     # Named actors from the cluster's control store (Ray's state API would need the dashboard, which is off).
@@ -180,12 +181,22 @@ def add_one_engine_replica(app_name: str) -> str:
     from ray.serve._private.common import DeploymentID
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    names = engine_replica_actors(app_name)
-    deployment = names[0].split("#")[1]
+    deployment = engine_replica_actors(app_name)[0].split("#")[1]
+    replicas = sum(n.split("#")[1] == deployment for n in engine_replica_actors(app_name))
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     ray.get(controller.update_deployment_replicas.remote(DeploymentID(name=deployment, app_name=app_name),
-                                                         len(names) + 1))
-    return f"{deployment}: {len(names) + 1} replicas"
+                                                         replicas + 1))
+    return f"{deployment}: {replicas + 1} replicas"
+
+
+def engine_replica_states(app_name: str) -> dict[str, int]:
+    """Serve's count of the engine deployment's replicas by state (RUNNING, STARTING, ...): what a chaos event
+    left, as Serve sees it."""
+    from ray import serve
+
+    deployment = engine_replica_actors(app_name)[0].split("#")[1]
+    states = serve.status().applications[app_name].deployments[deployment].replica_states
+    return {str(getattr(state, "value", state)): n for state, n in states.items()}
 
 
 CHAOS = {"kill-replica": kill_one_engine_replica, "add-replica": add_one_engine_replica}
@@ -279,6 +290,8 @@ def run(args) -> dict:
                 records[name], makespan = asyncio.run(replay_with_chaos(name, url))
                 results[name].update(startup_s=round(startup, 1), **summarize(records[name], makespan))
                 results[name].update(ingress_figures(url))
+                if chaos_at is not None:
+                    results[name]["engine_replicas_at_end"] = engine_replica_states(name)
                 if chaos_at is not None and not results[name]["chaos_event"].startswith("none"):
                     after = [r for r in records[name] if chaos_at <= r.sent_at < chaos_at + CHAOS_WINDOW_S]
                     window = summarize(after, CHAOS_WINDOW_S)

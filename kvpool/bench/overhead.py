@@ -1,18 +1,20 @@
 """`kvpool bench overhead`: where a request's time to its first token goes, per stage, on KV-Pool and on Ray Serve
 LLM (PrefixCacheAffinityRouter) for the same prompts.
 
-For each of `--prompts` fresh chat prompts (random words, `--prompt-tokens` long), three requests, one at a time,
+For each of `--prompts` fresh chat prompts (`--prompt-words` random words), three requests, one at a time,
 streamed, greedy:
   cold         the prompt's first request: everything computed
   cached       the same prompt again at once: its blocks are in the engine's KV (a prefix-cache hit)
   pool_loaded  the same prompt after other prompts (twice the engine's KV) have pushed it out of the engine's
                KV: KV-Pool loads it from the pool; the peer, which has no pool, recomputes it
 Each configuration has the same model, one replica and the same engine KV (`--kv-cache-bytes`, default: room for
-four prompts). KV-Pool's stages are its Server-Timing header (app/engine_client.py STAGES); `unaccounted` is the
-client's TTFT less their sum (Serve's HTTP proxy both ways, writing the first chunk, the client). The peer's path
-cannot be split: its TTFT is measured the same way. Every cached and pool-loaded answer is checked against the same
-configuration's cold one (same output tokens: `mismatched` must be 0), and KV-Pool's cold answers against the
-peer's.
+about four prompts); KV-Pool's host tier holds at least a prompt and its fillers, so a pool-loaded prompt is all
+in the pool (`below_engine_hit` counts requests with fewer cached tokens than the same prompt's engine hit: 0 for
+KV-Pool, every one for the peer, which recomputes). KV-Pool's stages are its Server-Timing header
+(app/engine_client.py STAGES); `unaccounted` is the client's TTFT less their sum (Serve's HTTP proxy both ways,
+writing the first chunk, the client). The peer's path cannot be split: its TTFT is measured the same way. Every
+cached and pool-loaded answer is checked against the same configuration's cold one (same output tokens:
+`mismatched` must be 0), and KV-Pool's cold answers against the peer's.
 """
 
 from __future__ import annotations
@@ -73,11 +75,11 @@ def probe(url: str, args, seed: int) -> dict[str, list[dict]]:
     rng = random.Random(seed)
     per_kind: dict[str, list[dict]] = {k: [] for k in KINDS}
     for _ in range(args.prompts):
-        text = words(rng, args.prompt_tokens)
+        text = words(rng, args.prompt_words)
         per_kind["cold"].append(ask(url, text, args.max_tokens))
         per_kind["cached"].append(ask(url, text, args.max_tokens))
         for _ in range(args.fillers):
-            ask(url, words(rng, args.prompt_tokens), 1)
+            ask(url, words(rng, args.prompt_words), 1)
         per_kind["pool_loaded"].append(ask(url, text, args.max_tokens))
     return per_kind
 
@@ -99,6 +101,8 @@ def summary(per_kind: dict[str, list[dict]]) -> dict:
                                                              for r in timed])), 3)
         if kind != "cold":
             s["mismatched"] = sum(r["output_ids"] != c["output_ids"] for r, c in zip(recs, per_kind["cold"]))
+            s["below_engine_hit"] = sum(r["cached_tokens"] < c["cached_tokens"]
+                                        for r, c in zip(recs, per_kind["cached"]))
         out[kind] = s
     return out
 
@@ -118,11 +122,14 @@ def run(args) -> dict:
     per_token = kv_bytes_per_token(hf.num_hidden_layers, hf.num_key_value_heads,
                                    getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
                                    dtype_bytes)
-    # Room for four prompts unless told; fillers twice the engine's KV, so a prompt is surely pushed out.
-    args.kv_cache_bytes = args.kv_cache_bytes or 4 * (args.prompt_tokens + 64) * per_token
-    args.fillers = -(-2 * args.kv_cache_bytes // per_token // args.prompt_tokens)
-    args.pool_host_bytes = args.pool_host_bytes or 4 * args.kv_cache_bytes
-    args.replicas = 1
+    if args.replicas != 1:  # fillers sent to another replica would not push the prompt out of its own
+        raise SystemExit("kvpool bench overhead runs one replica per configuration")
+    prompt_bytes = (args.prompt_words + 128) * per_token  # a word is about a token; the chat template adds ~100
+    # Room for about four prompts unless told; fillers twice the engine's KV, so a prompt is surely pushed out; a host
+    # tier that keeps a prompt and all its fillers (the pool evicts least recently used blocks: earlier prompts').
+    args.kv_cache_bytes = args.kv_cache_bytes or 4 * prompt_bytes
+    args.fillers = -(-2 * args.kv_cache_bytes // prompt_bytes)
+    args.pool_host_bytes = max(args.pool_host_bytes, (args.fillers + 2) * prompt_bytes)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
     pool_dirs = scratch_dirs(args)
@@ -146,7 +153,7 @@ def run(args) -> dict:
             shutil.rmtree(d, ignore_errors=True)
     ours, peer = results["kvpool"], results["rayllm-prefix"]
     return {"bench": "overhead", "model": args.model or "SmolLM2-135M-Instruct", "prompts": args.prompts,
-            "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+            "prompt_words": args.prompt_words, "max_tokens": args.max_tokens,
             "kv_cache_bytes_per_replica": args.kv_cache_bytes, "pool_host_bytes": args.pool_host_bytes,
             "fillers": args.fillers, "results": results,
             "kvpool_vs_peer_ttft_p50": {k: round(ours[k]["ttft_p50_ms"] / peer[k]["ttft_p50_ms"], 3) for k in KINDS},
