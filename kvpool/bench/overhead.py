@@ -8,13 +8,13 @@ streamed, greedy:
   pool_loaded  the same prompt after other prompts (twice the engine's KV) have pushed it out of the engine's
                KV: KV-Pool loads it from the pool; the peer, which has no pool, recomputes it
 Each configuration has the same model, one replica and the same engine KV (`--kv-cache-bytes`, default: room for
-about four prompts); KV-Pool's host tier holds at least a prompt and its fillers, so a pool-loaded prompt is all
-in the pool (`below_engine_hit` counts requests with fewer cached tokens than the same prompt's engine hit: 0 for
-KV-Pool, every one for the peer, which recomputes). KV-Pool's stages are its Server-Timing header
-(app/engine_client.py STAGES); `unaccounted` is the client's TTFT less their sum (Serve's HTTP proxy both ways,
-writing the first chunk, the client). The peer's path cannot be split: its TTFT is measured the same way. Every
-cached and pool-loaded answer is checked against the same configuration's cold one (same output tokens:
-`mismatched` must be 0), and KV-Pool's cold answers against the peer's.
+about four prompts, or one `--max-model-len` request if more); KV-Pool's host tier holds at least a prompt and its
+fillers, so a pool-loaded prompt is all in the pool (`below_engine_hit` counts requests with fewer cached tokens
+than the same prompt's engine hit: 0 for KV-Pool, every one for the peer, which recomputes). KV-Pool's stages are
+its Server-Timing header (app/engine_client.py STAGES); `unaccounted` is the client's TTFT less their sum (Serve's
+HTTP proxy both ways, writing the first chunk, the client). The peer's path cannot be split: its TTFT is measured
+the same way. Every cached and pool-loaded answer is checked against the same configuration's cold one (same
+output tokens: `mismatched` must be 0), and KV-Pool's cold answers against the peer's.
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ def run(args) -> dict:
     if args.replicas != 1:  # fillers sent to another replica would not push the prompt out of its own
         raise SystemExit("kvpool bench overhead runs one replica per configuration")
     prompt_bytes = (args.prompt_words + 128) * per_token  # a word is about a token; the chat template adds ~100
-    # Room for about four prompts unless told; fillers twice the engine's KV, so a prompt is surely pushed out; a host
-    # tier that keeps a prompt and all its fillers (the pool evicts least recently used blocks: earlier prompts').
-    args.kv_cache_bytes = args.kv_cache_bytes or 4 * prompt_bytes
+    # Room for about four prompts unless told (and for one request of max_model_len: vLLM refuses less); fillers
+    # twice the engine's KV, so a prompt is surely pushed out; a host tier that keeps a prompt and all its fillers
+    # (the pool evicts least recently used blocks: earlier prompts').
+    args.kv_cache_bytes = args.kv_cache_bytes or max(4 * prompt_bytes, (args.max_model_len + 64) * per_token)
     args.fillers = -(-2 * args.kv_cache_bytes // prompt_bytes)
     args.pool_host_bytes = max(args.pool_host_bytes, (args.fillers + 2) * prompt_bytes)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
