@@ -149,10 +149,10 @@ def matched_subset(runs: dict[str, list]) -> dict[str, list]:
     return {name: [c[k] for k in sorted(keys)] for name, c in completed.items()}
 
 
-def engine_replica_actors(app_name: str) -> list[str]:
-    """The engine replicas of a Serve application (running, starting or stopping), by actor name
-    (SERVE_REPLICA::app#deployment#id): every replica but the ingress's, whichever builder made the app (KV-Pool's
-    ingress is OpenAIIngress, Ray Serve LLM's OpenAiIngress)."""
+def engine_replicas(app_name: str) -> tuple[str, list[str]]:
+    """A Serve application's engine deployment and its replicas (running, starting or stopping) by actor name
+    (SERVE_REPLICA::app#deployment#id): the deployment that is not the ingress, whichever builder made the app
+    (KV-Pool's ingress is OpenAIIngress, Ray Serve LLM's OpenAiIngress)."""
     import ray
 
     # Named actors from the cluster's control store (Ray's state API would need the dashboard, which is off).
@@ -161,14 +161,15 @@ def engine_replica_actors(app_name: str) -> list[str]:
                    if a["namespace"] == "serve" and a["name"].startswith(prefix) and "ingress" not in a["name"].lower())
     if not names:
         raise RuntimeError(f"no engine replica of {app_name}")
-    return names
+    deployment = names[0].split("#")[1]
+    return deployment, [n for n in names if n.split("#")[1] == deployment]
 
 
 def kill_one_engine_replica(app_name: str) -> str:
     """Kill one engine replica of a Serve application (Serve starts a new one); returns its actor name."""
     import ray
 
-    name = engine_replica_actors(app_name)[0]
+    name = engine_replicas(app_name)[1][0]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
     return name
 
@@ -181,12 +182,11 @@ def add_one_engine_replica(app_name: str) -> str:
     from ray.serve._private.common import DeploymentID
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    deployment = engine_replica_actors(app_name)[0].split("#")[1]
-    replicas = sum(n.split("#")[1] == deployment for n in engine_replica_actors(app_name))
+    deployment, names = engine_replicas(app_name)
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     ray.get(controller.update_deployment_replicas.remote(DeploymentID(name=deployment, app_name=app_name),
-                                                         replicas + 1))
-    return f"{deployment}: {replicas + 1} replicas"
+                                                         len(names) + 1))
+    return f"{deployment}: {len(names) + 1} replicas"
 
 
 def engine_replica_states(app_name: str) -> dict[str, int]:
@@ -194,8 +194,7 @@ def engine_replica_states(app_name: str) -> dict[str, int]:
     left, as Serve sees it."""
     from ray import serve
 
-    deployment = engine_replica_actors(app_name)[0].split("#")[1]
-    states = serve.status().applications[app_name].deployments[deployment].replica_states
+    states = serve.status().applications[app_name].deployments[engine_replicas(app_name)[0]].replica_states
     return {str(getattr(state, "value", state)): n for state, n in states.items()}
 
 
@@ -272,11 +271,13 @@ def run(args) -> dict:
         run = asyncio.create_task(replay(url, sessions, args.duration, args.turns, args.think_scale,
                                          args.max_output, Bound(32, renderer), progress=not args.json,
                                          verify=args.verify))
+        happened = False
         if chaos_at is not None:
             done, _ = await asyncio.wait([run], timeout=chaos_at)
+            happened = not done
             results[name]["chaos_event"] = f"none: the run ended before {chaos_at:g} s" if done else \
                 await asyncio.get_running_loop().run_in_executor(None, CHAOS[chaos], name)
-        return await run
+        return *(await run), happened
 
     try:
         for name in configs:
@@ -287,12 +288,12 @@ def run(args) -> dict:
             url = _deploy(name, args, model_path, pool_dirs, scalable=chaos == "add-replica")
             try:
                 startup = _wait_ready(url)
-                records[name], makespan = asyncio.run(replay_with_chaos(name, url))
+                records[name], makespan, chaos_happened = asyncio.run(replay_with_chaos(name, url))
                 results[name].update(startup_s=round(startup, 1), **summarize(records[name], makespan))
                 results[name].update(ingress_figures(url))
                 if chaos_at is not None:
                     results[name]["engine_replicas_at_end"] = engine_replica_states(name)
-                if chaos_at is not None and not results[name]["chaos_event"].startswith("none"):
+                if chaos_happened:
                     after = [r for r in records[name] if chaos_at <= r.sent_at < chaos_at + CHAOS_WINDOW_S]
                     window = summarize(after, CHAOS_WINDOW_S)
                     results[name]["after_chaos"] = {k: window[k] for k in ("requests", "errors", "ttft_p90_s",
