@@ -19,16 +19,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from pathlib import Path
-from typing import Iterable
 
-import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvpool.config import KVPoolConfig
-from kvpool.hashing import pool_key_ids
-from kvpool.pool_store import BlockFile, PoolStore, to_move_out
+from kvpool.pool_catalog import PoolCatalog, report_ids
+from kvpool.pool_store import PoolStore
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +45,10 @@ def get_or_create_shard(cfg: KVPoolConfig, app_name: str, node_id: str | None = 
     ).remote(cfg, app_name)
 
 
-def report_ids(blocks: Iterable[tuple[str, str]]) -> dict[str, np.ndarray]:
-    """(layout, pool key) blocks as the router takes them (PoolView.update): layout -> an array of pool-key ids."""
-    keys: dict[str, list[str]] = {}
-    for layout, key in blocks:
-        keys.setdefault(layout, []).append(key)
-    return {layout: pool_key_ids(k) for layout, k in keys.items()}
+# A report or a fetch moves at most about this much in one Ray call: a million-block full report, or a long prefix
+# fetched from another node, goes in pieces, none of which holds up the caller or the object store for long.
+REPORT_IDS = 1 << 16  # 512 KiB of pool-key ids
+FETCH_BYTES = 64 << 20
 
 
 class PoolShard:
@@ -62,89 +57,69 @@ class PoolShard:
         self.cfg = cfg
         self.app_name = app_name
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.host_root, self.disk_root = Path(cfg.pool_host_dir_resolved()), Path(cfg.pool_disk_dir_resolved())
+        self.catalog = PoolCatalog(cfg.pool_host_dir_resolved(), cfg.pool_disk_dir_resolved())
         self.period_s = period_s
         self.counts: Counter = Counter()
-        self.last: dict = {}
         self._task: asyncio.Task | None = None
-        self.held: set[tuple[str, str]] = set()  # (layout, key) of every block on this node, as of the last pass
-        self._reported: set[tuple[str, str]] | None = None  # (layout, key) the router knows; None: send all
         self._report_seq = 0
 
-    def _stores(self) -> list[PoolStore]:
-        layouts = {p.name for root in (self.host_root, self.disk_root) if root.exists() for p in root.iterdir()
-                   if p.is_dir()}
-        return [PoolStore(self.host_root, self.disk_root, layout) for layout in sorted(layouts)]
+    def _pass(self) -> None:
+        """One pass of upkeep: catch up with the directories, then demote and evict to the budgets."""
+        demoted, evicted = self.catalog.upkeep(self.cfg.pool_host_bytes, self.cfg.pool_disk_bytes,
+                                               self.cfg.pool_session_ttl_s)
+        self.counts["demoted"] += demoted
+        self.counts["evicted"] += evicted
 
-    def _store(self, layout: str) -> PoolStore:
-        return PoolStore(self.host_root, self.disk_root, layout)
+    def describe(self) -> dict:
+        """The pool's size and counters (live_session_blocks looks at every block: on demand only)."""
+        with self.catalog.lock:
+            return self._describe()
+
+    def _describe(self) -> dict:
+        tiers = self.catalog.tiers
+        return {
+            "time": time.time(), "node": self.node_id,
+            "host_bytes": tiers["host"].bytes, "host_budget_bytes": self.cfg.pool_host_bytes,
+            "disk_bytes": tiers["disk"].bytes, "disk_budget_bytes": self.cfg.pool_disk_bytes,
+            "blocks": {t: len(q) for t, q in tiers.items()},
+            "live_session_blocks": self.catalog.live_session_blocks(self.cfg.pool_session_ttl_s),
+            "layouts": len(self.catalog.stores), "rescans": self.catalog.rescans, **self.counts,
+        }
 
     def maintain(self) -> dict:
-        """One pass: demote and evict to the budgets; returns the pool's size after it."""
-        stores = self._stores()
-        files: list[tuple[PoolStore, BlockFile]] = [(s, f) for s in stores for f in s.scan()]
-        host_bytes = self._shrink(files, "host", self.cfg.pool_host_bytes)
-        disk_bytes = self._shrink(files, "disk", self.cfg.pool_disk_bytes)
-        now = time.time()
-        self.last = {
-            "time": now, "node": self.node_id,
-            "host_bytes": host_bytes, "host_budget_bytes": self.cfg.pool_host_bytes,
-            "disk_bytes": disk_bytes, "disk_budget_bytes": self.cfg.pool_disk_bytes,
-            "blocks": {"host": sum(1 for _, f in files if f.tier == "host"),
-                       "disk": sum(1 for _, f in files if f.tier == "disk")},
-            "live_session_blocks": sum(1 for _, f in files if f.reused and now - f.last_used
-                                       <= self.cfg.pool_session_ttl_s),
-            "layouts": len(stores), **self.counts,
-        }
-        self.held = {(s.tiers["host"].name, f.key) for s, f in files if f.tier != "gone"}
-        return self.last
-
-    def _shrink(self, files: list[tuple[PoolStore, BlockFile]], tier: str, budget: int) -> int:
-        """Move the tier's blocks out in eviction order (host: to disk if it has room, else deleted; disk:
-        deleted) until it fits its budget; returns its bytes after."""
-        in_tier = [f for _, f in files if f.tier == tier]
-        store_of = {id(f): s for s, f in files}
-        size = sum(f.size for f in in_tier)
-        for f in to_move_out(in_tier, budget, time.time(), self.cfg.pool_session_ttl_s):
-            size -= f.size
-            if tier == "host" and self.cfg.pool_disk_bytes > 0 and store_of[id(f)].demote(f):
-                f.tier = "disk"  # counted against the disk budget in the same pass
-                self.counts["demoted"] += 1
-            else:  # no disk tier, or it cannot take the block (full): the host tier must shrink all the same
-                PoolStore.delete([f])
-                f.tier = "gone"
-                self.counts["evicted"] += 1
-        return size
+        """One pass, then the pool's size after it."""
+        self._pass()
+        return self.describe()
 
     async def _report(self) -> None:
         """Tell the router what changed in this node's pool since the last report (everything after a restart of
-        either side: the router answers False to a report it cannot apply)."""
+        either side: the router answers False to a report it cannot apply), in pieces of REPORT_IDS blocks."""
         from actors.router import router_name
 
         try:
             router = ray.get_actor(router_name(self.app_name), namespace=NAMESPACE)
         except ValueError:
             return  # no router (yet, or prefix routing off)
-        held = self.held
-        if self._reported is None:
-            self._report_seq = 0
-            added, removed = held, set()
-        else:
-            added, removed = held - self._reported, self._reported - held
-            if not added and not removed:
-                return
+        full, added, removed = self.catalog.take_report()
+        if full:
+            self._report_seq = -1
+        pieces = [(added[i:i + REPORT_IDS], []) for i in range(0, len(added), REPORT_IDS)] + \
+            [([], removed[i:i + REPORT_IDS]) for i in range(0, len(removed), REPORT_IDS)]
+        for piece_added, piece_removed in pieces or ([([], [])] if full else []):
             self._report_seq += 1
-        try:
-            ok = await router.pool_update.remote(self.node_id, self._report_seq, report_ids(added),
-                                                 report_ids(removed))
-        except ray.exceptions.RayError:
-            ok = False
-        self._reported = held if ok else None
+            try:
+                ok = await router.pool_update.remote(self.node_id, self._report_seq, report_ids(piece_added),
+                                                     report_ids(piece_removed))
+            except ray.exceptions.RayError:
+                ok = False
+            if not ok:
+                self.catalog.full_report = True
+                return
 
     async def _loop(self) -> None:
         while True:
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self.maintain)
+                await asyncio.get_running_loop().run_in_executor(None, self._pass)
                 if self.app_name:
                     await self._report()
             except Exception:
@@ -152,41 +127,55 @@ class PoolShard:
             await asyncio.sleep(self.period_s)
 
     async def start(self) -> str:
+        self.catalog.start_following()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
         return self.node_id
 
     async def stats(self) -> dict:
         await self.start()
-        last = self.last or await asyncio.get_running_loop().run_in_executor(None, self.maintain)
-        return {**last, **self.counts}
+        return await asyncio.get_running_loop().run_in_executor(None, self.maintain)
 
     # --- brokering between nodes ------------------------------------------------------------------------------
 
-    def read_raw(self, layouts: list[str], keys: list[str]) -> list[list[bytes] | None]:
-        """Block files for another shard: per key, its file in each layout (None from the first key that is
-        missing in some layout: later blocks of the chain would be useless without it)."""
+    def read_raw(self, layouts: list[str], keys: list[str], max_bytes: int = FETCH_BYTES) -> list[list[bytes]]:
+        """Block files for another shard: per key, its file in each layout, from the first key up to the first that
+        is missing in some layout (later blocks of the chain would be useless without it), and at most about
+        `max_bytes` (at least one block): the caller asks again for the rest."""
         stores = [self._store(layout) for layout in layouts]
-        out: list[list[bytes] | None] = []
+        out: list[list[bytes]] = []
+        size = 0
         for key in keys:
             files = [s.read_raw(key) for s in stores]
             if any(f is None for f in files):
                 break
             out.append(files)
+            size += sum(len(f) for f in files)
+            if size >= max_bytes:
+                break
         return out
+
+    def _store(self, layout: str) -> PoolStore:
+        return PoolStore(self.catalog.roots["host"], self.catalog.roots["disk"], layout)
 
     async def pull(self, source_node: str, layouts: list[str], keys: list[str]) -> int:
         """Copy the blocks `keys` (each in every one of `layouts`, i.e. every engine rank) from the shard of
-        `source_node` into this node's pool; returns how many leading blocks arrived."""
+        `source_node` into this node's pool, in pieces of about FETCH_BYTES; returns how many leading blocks
+        arrived."""
         source = ray.get_actor(shard_name(self.app_name, source_node), namespace=NAMESPACE)
-        blocks = await source.read_raw.remote(layouts, keys)
         stores = [self._store(layout) for layout in layouts]
 
-        def write() -> None:
-            for key, files in zip(keys, blocks):
+        def write(first: int, blocks: list[list[bytes]]) -> None:
+            for key, files in zip(keys[first:], blocks):
                 for store, data in zip(stores, files):
                     store.write_raw(key, data)
 
-        await asyncio.get_running_loop().run_in_executor(None, write)
-        self.counts["pulled_blocks"] += len(blocks)
-        return len(blocks)
+        got = 0
+        while got < len(keys):
+            blocks = await source.read_raw.remote(layouts, keys[got:])
+            if not blocks:
+                break
+            await asyncio.get_running_loop().run_in_executor(None, write, got, blocks)
+            got += len(blocks)
+        self.counts["pulled_blocks"] += got
+        return got

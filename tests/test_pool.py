@@ -346,3 +346,120 @@ def test_empty_block_files_do_not_keep_a_tier_over_budget():
         [BlockFile(f"k{i}", "host", Path(f"k{i}"), 100, 10.0 + i) for i in range(100)]
     total = sum(f.size for f in files)
     assert [f.key for f in to_move_out(files, total - 1, 200.0, 30)] == ["empty1", "empty2", "k0"]
+
+
+def test_the_eviction_queue_keeps_its_order_as_blocks_are_used_and_leave():
+    """EvictionQueue, updated block by block (arrivals, uses, removals), drains in the order its definition gives:
+    idle blocks (not reused, or not used within the TTL) before live ones, least recently used first in each,
+    equals in the order they were last put."""
+    import random
+
+    from kvpool.pool_store import BlockFile, EvictionQueue
+
+    rng = random.Random(11)
+    for _ in range(20):
+        q, now, last_put, ttl = EvictionQueue(), 0.0, {}, 30.0
+        for step in range(rng.randrange(50, 400)):
+            now += rng.choice([0.0, 0.5, 2.0])  # ties included
+            key = f"k{rng.randrange(60)}"
+            op = rng.random()
+            if op < 0.2:
+                q.remove(key)
+                last_put.pop(key, None)
+            else:
+                f = BlockFile(key, "host", None, rng.choice([0, 100, 300]), now, reused=op > 0.6 and key in q)
+                q.put(key, f)
+                last_put[key] = (step, f)
+        assert len(q) == len(last_put) and q.bytes == sum(f.size for _, f in last_put.values())
+        now += rng.choice([0.0, 10.0, 60.0])
+
+        def live(f):
+            return f.reused and now - f.last_used <= ttl
+
+        spec = sorted(last_put.values(), key=lambda sf: (live(sf[1]), sf[1].last_used, sf[0]))
+        budget = rng.randrange(0, q.bytes + 1)
+        shed, size = [], q.bytes
+        for _, f in spec:
+            if size <= budget:
+                break
+            shed.append(f.key)
+            size -= f.size
+        assert [f.key for f in q.shed(budget, now, ttl)] == shed and q.bytes == size <= budget
+        rest = [f.key for f in iter(lambda: q.pop(now, ttl), None)]
+        assert rest == [f.key for _, f in spec][len(shed):]
+
+
+def _listing(host, disk) -> dict:
+    """Every block file, found the slow way: (tier, layout, key) -> (size, reused)."""
+    return {(f.tier, layout.name, f.key): (f.size, f.reused) for layout in Path(host).iterdir()
+            for f in PoolStore(host, disk, layout.name).scan()}
+
+
+def _catalogued(catalog) -> dict:
+    return {(t, layout, key): (f.size, f.reused) for t, q in catalog.tiers.items()
+            for (layout, key), f in q.blocks.items()}
+
+
+def test_the_pool_catalog_follows_the_directories_without_rescanning(tmp_path):
+    """The shard's catalog, after one listing, learns every block written, copied, used, deleted, demoted and
+    evicted from inotify alone, and reports only what arrived or left."""
+    from kvpool.pool_catalog import PoolCatalog
+
+    host, disk = tmp_path / "host", tmp_path / "disk"
+    catalog = PoolCatalog(host, disk)
+    catalog.refresh()
+    assert catalog.take_report() == (True, [], [])
+    ranks = [PoolStore(host, disk, f"rank{r}") for r in range(2)]  # a layout directory each, created after
+    keys = [f"{i:032x}" for i in range(12)]
+    for store in ranks:
+        for key in keys:
+            assert store.put(key, bytes(range(256)) * 4)
+    catalog.refresh()
+    assert _catalogued(catalog) == _listing(host, disk) and len(catalog.tiers["host"]) == 24
+    full, present, gone = catalog.take_report()
+    assert not full and sorted(present) == sorted((s.layout, k) for s in ranks for k in keys) and gone == []
+
+    ranks[0].touch(keys[:3])  # a session came back
+    Path(ranks[1].find(keys[5])).unlink()  # gone behind the catalog's back
+    assert ranks[1].write_raw("f" * 32, Path(ranks[0].find(keys[0])).read_bytes())  # copied from another node
+    catalog.refresh()
+    assert _catalogued(catalog) == _listing(host, disk)
+    assert all(catalog.tiers["host"].blocks["rank0", k].reused for k in keys[:3])
+    assert catalog.take_report() == (False, [("rank1", "f" * 32)], [("rank1", keys[5])])
+
+    size = catalog.tiers["host"].blocks["rank0", keys[0]].size
+    demoted, evicted = catalog.upkeep(host_budget=10 * size, disk_budget=6 * size, session_ttl_s=600)
+    assert (demoted, evicted) == (14, 8)  # 24 blocks: 10 stay on the host, 6 fit the disk, 8 go
+    catalog.refresh()  # the notifications of its own moves change nothing
+    assert _catalogued(catalog) == _listing(host, disk)
+    assert catalog.tiers["host"].bytes <= 10 * size and catalog.tiers["disk"].bytes <= 6 * size
+    assert all(("host", "rank0", k) in _catalogued(catalog) for k in keys[:3]), "a live session's blocks left"
+    full, present, gone = catalog.take_report()
+    assert not full and present == [] and len(gone) == 8
+    assert catalog.rescans == 1
+    fresh = PoolCatalog(host, disk)
+    fresh.refresh()
+    assert _catalogued(fresh) == _catalogued(catalog)
+    fresh.close()
+    catalog.close()
+
+
+def test_the_pool_catalog_rescans_when_notifications_are_lost(tmp_path):
+    """More changes between two refreshes than the kernel queues (an overflow) cost a rescan, never a block."""
+    from kvpool.pool_catalog import PoolCatalog
+
+    host, disk = tmp_path / "host", tmp_path / "disk"
+    store = PoolStore(host, disk, "layout")
+    catalog = PoolCatalog(host, disk)
+    catalog.refresh()
+    catalog.take_report()
+    queued = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    keys = [f"{i:032x}" for i in range(queued // 2 + 100)]  # 2 events a block written
+    for key in keys:
+        assert store.put(key, b"x")
+    catalog.refresh()
+    assert catalog.rescans == 2 and len(catalog.tiers["host"]) == len(keys)
+    assert _catalogued(catalog) == _listing(host, disk)
+    full, present, gone = catalog.take_report()
+    assert not full and sorted(k for _, k in present) == keys and gone == []
+    catalog.close()
