@@ -105,16 +105,20 @@ class PoolShard:
             self._report_seq = -1
         pieces = [(added[i:i + REPORT_IDS], []) for i in range(0, len(added), REPORT_IDS)] + \
             [([], removed[i:i + REPORT_IDS]) for i in range(0, len(removed), REPORT_IDS)]
-        for piece_added, piece_removed in pieces or ([([], [])] if full else []):
-            self._report_seq += 1
-            try:
-                ok = await router.pool_update.remote(self.node_id, self._report_seq, report_ids(piece_added),
-                                                     report_ids(piece_removed))
-            except ray.exceptions.RayError:
-                ok = False
-            if not ok:
-                self.catalog.full_report = True
-                return
+        if full and not pieces:
+            pieces = [([], [])]  # an empty pool: the router forgets what it knew of this node
+        try:
+            for piece_added, piece_removed in pieces:
+                self._report_seq += 1
+                if not await router.pool_update.remote(self.node_id, self._report_seq, report_ids(piece_added),
+                                                       report_ids(piece_removed)):
+                    self.catalog.full_report = True  # out of sequence (a restart of either side): start over
+                    return
+        except ray.exceptions.RayError:  # the router gone: what was taken is resent whole, to the next one
+            self.catalog.full_report = True
+        except BaseException:  # a bad block name, a cancelled pass: the same, and the cause is logged
+            self.catalog.full_report = True
+            raise
 
     async def _loop(self) -> None:
         while True:
@@ -165,17 +169,19 @@ class PoolShard:
         source = ray.get_actor(shard_name(self.app_name, source_node), namespace=NAMESPACE)
         stores = [self._store(layout) for layout in layouts]
 
-        def write(first: int, blocks: list[list[bytes]]) -> None:
-            for key, files in zip(keys[first:], blocks):
-                for store, data in zip(stores, files):
-                    store.write_raw(key, data)
+        def write(first: int, blocks: list[list[bytes]]) -> int:
+            """Store the blocks; returns how many, from the first, every layout took (a full tier takes none)."""
+            for n, (key, files) in enumerate(zip(keys[first:], blocks)):
+                if not all([store.write_raw(key, data) for store, data in zip(stores, files)]):
+                    return n
+            return len(blocks)
 
         got = 0
         while got < len(keys):
             blocks = await source.read_raw.remote(layouts, keys[got:])
-            if not blocks:
+            written = await asyncio.get_running_loop().run_in_executor(None, write, got, blocks) if blocks else 0
+            got += written
+            if written < len(blocks) or not blocks:
                 break
-            await asyncio.get_running_loop().run_in_executor(None, write, got, blocks)
-            got += len(blocks)
         self.counts["pulled_blocks"] += got
         return got

@@ -2,11 +2,11 @@
 
 Engines write, load and touch block files directly (kvpool/pool_store.py); the node's shard must know every block's
 tier, size and last use to keep the tiers within budget, and tell the router what arrived and left. Rescanning the
-directories for that costs O(blocks) a pass (2.4 us a file on tmpfs: 2.4 s a pass at a million blocks), so the
-catalog scans once and then follows inotify: a block renamed into place (written, copied, demoted), used (its times
-set: IN_ATTRIB), rewritten in place or deleted is looked at again, by name. Upkeep is then O(changes): each tier is an
-EvictionQueue, a pass over budget frees k blocks in O(k log n), and a report carries the blocks whose presence
-changed. Where notifications are not to be had (no inotify, a queue overflow, a tier on a network file system whose
+directories for that costs O(blocks) a pass (4 to 7 s at a million blocks on tmpfs here, kvpool bench pool-scale's
+rescan_s), so the catalog lists them once and then follows inotify: a block renamed into place (written, copied,
+demoted), used (its times set: IN_ATTRIB) or deleted is looked at again, by name. Upkeep is then O(changes):
+each tier is an EvictionQueue, a pass over budget frees k blocks in O(k log n), and a report carries the blocks
+whose presence changed. Where notifications are not to be had (no inotify, a queue overflow, a tier on a network file system whose
 other writers the kernel never sees) a full rescan reconciles the catalog: at once on overflow, and every
 RESYNC_S regardless.
 """
@@ -32,7 +32,7 @@ from kvpool.pool_store import SUFFIX, BlockFile, EvictionQueue, PoolStore
 logger = logging.getLogger(__name__)
 
 TIERS = ("host", "disk")
-# Reconcile with a full rescan this often even when notifications keep up (0.4% of a core at a million blocks).
+# Reconcile with a full rescan this often even when notifications keep up (about 2% of a core at a million blocks).
 RESYNC_S = 600.0
 
 # <sys/inotify.h>
@@ -88,10 +88,15 @@ BlockId = tuple[str, str]  # (layout, pool key)
 _SUFFIX = SUFFIX.encode()
 
 
+def _block_id(f: BlockFile) -> BlockId:
+    return f.layout, f.key
+
+
 class PoolCatalog:
     """Every block file of one node's pool, both tiers, every layout, with each tier's eviction order. Safe to use
     from several threads (one lock): a follower thread (start_following) keeps it current while the shard's loop
-    trims it and reports it."""
+    trims it and reports it. Every change to a block file is an event that the catalog answers by looking at that
+    file again, so whatever it did or missed meanwhile, it ends up with what is on disk."""
 
     def __init__(self, host_root: str | os.PathLike, disk_root: str | os.PathLike):
         self.roots = {"host": Path(host_root), "disk": Path(disk_root)}
@@ -100,10 +105,11 @@ class PoolCatalog:
         self.changed: set[BlockId] = set()  # blocks whose presence on the node changed since the last report
         self.full_report = True  # the next report sends every block (first, or after a failed one)
         self.rescans = 0
+        self.lock = threading.RLock()
         self._inotify: Inotify | None = None
+        self._polling = False  # no notifications to be had: every refresh rescans
         self._watches: dict[int, tuple[str, str | None]] = {}  # wd -> (tier, layout; None for the tier's root)
         self._synced_at = float("-inf")
-        self.lock = threading.RLock()
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
 
@@ -111,9 +117,10 @@ class PoolCatalog:
 
     def start_following(self) -> None:
         """Keep the catalog current from a thread of its own (until close)."""
-        if self._follower is None:
-            self._follower = threading.Thread(target=self._follow, name="kvpool-catalog", daemon=True)
-            self._follower.start()
+        with self.lock:
+            if not self._polling and (self._follower is None or not self._follower.is_alive()):
+                self._follower = threading.Thread(target=self._follow, name="kvpool-catalog", daemon=True)
+                self._follower.start()
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -124,9 +131,9 @@ class PoolCatalog:
             inotify = self._inotify
             if inotify is None:
                 return  # nothing to follow: each upkeep pass rescans
-            try:
-                select.select([inotify.fd], [], [], RESYNC_S / 10)
-            except (OSError, ValueError):  # closed meanwhile by a rescan
+            try:  # (a rescan may close the descriptor meanwhile: then this returns within a second)
+                select.select([inotify.fd], [], [], 1.0)
+            except (OSError, ValueError):
                 pass
             self._stop.wait(FOLLOW_S)
 
@@ -169,42 +176,62 @@ class PoolCatalog:
                 self._look(tier, block)
 
     def _rescan(self) -> None:
+        """List both tiers anew (watching each directory before listing it, so nothing written meanwhile is
+        missed) and take the listing whole; blocks whose presence differs from before are reported."""
         if self._inotify is not None:
             self._inotify.close()
         self._inotify, self._watches = None, {}
-        try:
-            self._inotify = Inotify()
-        except (OSError, AttributeError) as e:  # not Linux: every pass rescans
-            logger.warning("no inotify (%s): the pool shard rescans its directories every pass", e)
-        held = {t: set(q.blocks) for t, q in self.tiers.items()}
-        self.tiers = {t: EvictionQueue() for t in TIERS}
+        if not self._polling:
+            try:
+                self._inotify = Inotify()
+            except (OSError, AttributeError) as e:  # not Linux, or no instance left
+                self._no_notifications(e)
+        files: list[BlockFile] = []
+        other_roots = {r.resolve() for r in self.roots.values()}
         for tier, root in self.roots.items():
             root.mkdir(parents=True, exist_ok=True)
-            if self._inotify is not None:
-                self._watches[self._inotify.watch(root, ROOT_EVENTS)] = (tier, None)
+            self._watch(root, tier, None)
             for d in sorted(root.iterdir()):
-                if d.is_dir():
-                    self._follow_layout(tier, d.name, note=False)
+                if d.is_dir() and d.resolve() not in other_roots:  # (the host tier may live inside the disk's)
+                    if self._watch(d, tier, d.name):
+                        files += self._store(d.name).scan(tier)
+        tiers = {t: EvictionQueue.of([f for f in files if f.tier == t], _block_id) for t in TIERS}
+        was = self.tiers["host"].blocks.keys() | self.tiers["disk"].blocks.keys()
+        self.tiers = tiers
+        self.changed |= was ^ (tiers["host"].blocks.keys() | tiers["disk"].blocks.keys())
         self.rescans += 1
         self._synced_at = time.monotonic()
-        was = held["host"] | held["disk"]
-        now = self.tiers["host"].blocks.keys() | self.tiers["disk"].blocks.keys()
-        self.changed |= was ^ now
 
-    def _follow_layout(self, tier: str, layout: str, note: bool = True) -> None:
-        """Watch a layout's directory (before listing it: nothing written meanwhile is missed) and add its blocks,
-        oldest use first (the queue's order of equals)."""
-        d = self.roots[tier] / layout
+    def _no_notifications(self, e: Exception) -> None:
+        logger.warning("no inotify for the pool's directories (%s): the shard rescans them every pass", e)
+        if self._inotify is not None:
+            self._inotify.close()
+        self._inotify, self._polling = None, True
+
+    def _watch(self, d: Path, tier: str, layout: str | None) -> bool:
+        """Watch a tier's root (layout None) or one of its layouts' directories; False if it is gone."""
+        if self._inotify is None:
+            return d.is_dir()
+        try:
+            self._watches[self._inotify.watch(d, LAYOUT_EVENTS if layout else ROOT_EVENTS)] = (tier, layout)
+        except FileNotFoundError:
+            return False
+        except OSError as e:  # no watch left (fs.inotify.max_user_watches), ...: fall back to rescanning
+            self._no_notifications(e)
+        return True
+
+    def _store(self, layout: str) -> PoolStore:
         if layout not in self.stores:
             self.stores[layout] = PoolStore(self.roots["host"], self.roots["disk"], layout)
-        if self._inotify is not None:
-            try:
-                self._watches[self._inotify.watch(d, LAYOUT_EVENTS)] = (tier, layout)
-            except OSError:  # gone already
-                return
-        store = self.stores[layout]
-        for f in sorted((f for f in store.scan() if f.tier == tier), key=lambda f: f.last_used):
-            self._put(f, note)
+        return self.stores[layout]
+
+    def _follow_layout(self, tier: str, layout: str) -> None:
+        """A layout's directory appeared in a tier: watch it, then add what it holds already."""
+        if (self.roots[tier] / layout).resolve() in {r.resolve() for r in self.roots.values()}:
+            return
+        if self._watch(self.roots[tier] / layout, tier, layout):
+            for f in self._store(layout).scan(tier):
+                self._put(f)
 
     def _look(self, tier: str, block: BlockId) -> None:
         """Look at one block file again: it is there (with its times) or it is gone."""
@@ -216,15 +243,15 @@ class PoolCatalog:
             return self._remove(tier, block)
         self._put(BlockFile(key, tier, path, st.st_size, st.st_mtime, st.st_atime > 0, layout))
 
+    def _put(self, f: BlockFile) -> None:
+        block = _block_id(f)
+        if not self.held(block):
+            self.changed.add(block)
+        self.tiers[f.tier].put(block, f)
+
     def _remove(self, tier: str, block: BlockId) -> None:
         if self.tiers[tier].remove(block) is not None and not self.held(block):
             self.changed.add(block)
-
-    def _put(self, f: BlockFile, note: bool = True) -> None:
-        block = (f.layout, f.key)
-        if note and not self.held(block):
-            self.changed.add(block)
-        self.tiers[f.tier].put(block, f)
 
     def held(self, block: BlockId) -> bool:
         return block in self.tiers["host"].blocks or block in self.tiers["disk"].blocks
@@ -232,46 +259,57 @@ class PoolCatalog:
     # --- upkeep ----------------------------------------------------------------------------------------------
 
     def upkeep(self, host_budget: int, disk_budget: int, session_ttl_s: float) -> tuple[int, int]:
-        """One pass of the shard's upkeep: catch up with the directories, then demote and evict to the budgets.
-        Returns (demoted, evicted)."""
+        """One pass of the shard's upkeep: catch up with the directories, then demote and evict to the budgets:
+        the host tier's blocks over its budget go to disk (if the disk tier has a budget and can take them; else
+        they are deleted), then the disk tier's over its own are deleted, each tier in eviction order. The files
+        are moved outside the lock, so the follower keeps draining notifications meanwhile. Returns (demoted,
+        evicted)."""
+        now = time.time()
         with self.lock:
             self._refresh()
-            return self._shrink(host_budget, disk_budget, session_ttl_s)
+            leaving = self.tiers["host"].shed(host_budget, now, session_ttl_s)
+        moved = [disk_budget > 0 and self._store(f.layout).demote(f) for f in leaving]
+        gone = self._delete([f for f, ok in zip(leaving, moved) if not ok])
+        with self.lock:
+            for f, ok in zip(leaving, moved):
+                if ok:  # counted against the disk budget in this pass; still on the node, nothing to report
+                    f.tier, f.path = "disk", f"{self.roots['disk']}/{f.layout}/{f.key}{SUFFIX}"
+                    self.tiers["disk"].put(_block_id(f), f)
+            self._note_gone(gone)
+            leaving = self.tiers["disk"].shed(disk_budget, now, session_ttl_s)
+        gone_from_disk = self._delete(leaving)
+        with self.lock:
+            self._note_gone(gone_from_disk)
+        return sum(moved), len(gone) + len(gone_from_disk)
 
-    def _shrink(self, host_budget: int, disk_budget: int, session_ttl_s: float) -> tuple[int, int]:
-        """Demote and evict to the budgets: the host tier's blocks over its budget go to disk (if the disk tier has
-        a budget and can take them; else deleted), then the disk tier's over its own are deleted, each tier in
-        eviction order. Returns (demoted, evicted)."""
-        demoted = evicted = 0
-        now = time.time()
-        for f in self.tiers["host"].shed(host_budget, now, session_ttl_s):
-            block = (f.layout, f.key)
-            if disk_budget > 0 and self.stores[f.layout].demote(f):
-                f.tier, f.path = "disk", os.path.join(self.roots["disk"], f.layout, f.key + SUFFIX)
-                self.tiers["disk"].put(block, f)  # counted against the disk budget in the same pass
-                demoted += 1
-            else:  # no disk tier, or it cannot take the block (full): the host tier must shrink all the same
+    def _delete(self, files: list[BlockFile]) -> list[BlockFile]:
+        """Delete block files; returns those deleted (one that cannot be is left, and found by the next rescan)."""
+        gone = []
+        for f in files:
+            try:
                 PoolStore.delete([f])
-                evicted += 1
-                if block not in self.tiers["disk"]:
-                    self.changed.add(block)
-        for f in self.tiers["disk"].shed(disk_budget, now, session_ttl_s):
-            PoolStore.delete([f])
-            evicted += 1
-            if (f.layout, f.key) not in self.tiers["host"]:
-                self.changed.add((f.layout, f.key))
-        return demoted, evicted
+                gone.append(f)
+            except OSError as e:
+                logger.warning("pool block %s not deleted: %s", f.path, e)
+        return gone
+
+    def _note_gone(self, files: list[BlockFile]) -> None:
+        for f in files:
+            if not self.held(_block_id(f)):
+                self.changed.add(_block_id(f))
 
     def take_report(self) -> tuple[bool, list[BlockId], list[BlockId]]:
         """What the router has not been told: (a full report?, blocks now on the node, blocks that left it). A
         full report lists every block; otherwise those whose presence changed since the last report."""
-        if self.full_report:
-            self.full_report = False
-            self.changed = set()
-            return True, list(self.tiers["host"].blocks.keys() | self.tiers["disk"].blocks.keys()), []
-        changed, self.changed = self.changed, set()
-        present = [b for b in changed if self.held(b)]
-        return False, present, [b for b in changed if not self.held(b)]
+        with self.lock:
+            if self.full_report:
+                self.full_report = False
+                self.changed = set()
+                return True, list(self.tiers["host"].blocks.keys() | self.tiers["disk"].blocks.keys()), []
+            changed, self.changed = self.changed, set()
+            held = [self.held(b) for b in changed]
+            return (False, [b for b, h in zip(changed, held) if h],
+                    [b for b, h in zip(changed, held) if not h])
 
     def live_session_blocks(self, session_ttl_s: float) -> int:
         """Blocks reused within the session TTL (a pass over every block: for stats, not for upkeep)."""

@@ -204,10 +204,11 @@ class EvictionQueue:
         self._seq = itertools.count()
 
     @classmethod
-    def of(cls, files: Iterable[BlockFile]) -> "EvictionQueue":
-        """A queue of `files`, each known by its position among them."""
+    def of(cls, files: Iterable[BlockFile], block_id: Callable[[BlockFile], Hashable] | None = None) -> "EvictionQueue":
+        """A queue of `files` (equals in their order), each known by block_id(file) (default: its position)."""
         q = cls()
         for i, f in enumerate(files):
+            i = block_id(f) if block_id else i
             q.blocks[i] = f
             q.bytes += f.size
             q._entry[i] = e = (f.last_used, next(q._seq), i, f)
@@ -229,15 +230,19 @@ class EvictionQueue:
         self.blocks[block_id] = f
         self._entry[block_id] = e = (f.last_used, next(self._seq), block_id, f)
         heapq.heappush(self._heaps[f.reused], e)
-        if len(self._heaps[0]) + len(self._heaps[1]) > 2 * len(self.blocks) + 64:
-            self._rebuild()
+        self._bound()
 
     def remove(self, block_id: Hashable) -> BlockFile | None:
         f = self.blocks.pop(block_id, None)
         if f is not None:
             self.bytes -= f.size
             del self._entry[block_id]
+            self._bound()
         return f
+
+    def _bound(self) -> None:
+        if len(self._heaps[0]) + len(self._heaps[1]) > 2 * len(self.blocks) + 64:
+            self._rebuild()
 
     def _rebuild(self) -> None:
         self._heaps = ([], [])
@@ -492,10 +497,12 @@ class PoolStore:
 
     # --- for the pool actor: listing, demotion, eviction ---------------------------------------------------------
 
-    def scan(self) -> list[BlockFile]:
-        """The block files of both tiers. Temporary files of writers that died are removed on the way."""
+    def scan(self, *tiers: str) -> list[BlockFile]:
+        """The block files of these tiers (default: both). Temporary files of writers that died are removed on the
+        way."""
         files, now = [], time.time()
-        for tier, d in self.tiers.items():
+        for tier in tiers or self.tiers:
+            d = self.tiers[tier]
             with os.scandir(d) as it:
                 for e in it:
                     try:

@@ -463,3 +463,20 @@ def test_the_pool_catalog_rescans_when_notifications_are_lost(tmp_path):
     full, present, gone = catalog.take_report()
     assert not full and sorted(k for _, k in present) == keys and gone == []
     catalog.close()
+
+
+def test_a_host_tier_inside_the_disk_tier_is_followed_as_a_tier(tmp_path):
+    """Without /dev/shm the host tier defaults to a directory inside the disk tier's (KVPoolConfig): the catalog
+    must follow it as a tier, not take it for one of the disk tier's layouts."""
+    from kvpool.pool_catalog import PoolCatalog
+
+    disk = tmp_path / "pool"
+    host = disk / "host"
+    catalog = PoolCatalog(host, disk)
+    catalog.refresh()
+    store = PoolStore(host, disk, "layout")  # a layout that appears after the first listing
+    assert store.put("ab" * 16, b"x" * 100)
+    catalog.refresh()
+    assert _catalogued(catalog) == _listing(host, disk) and list(catalog.stores) == ["layout"]
+    assert catalog.rescans == 1
+    catalog.close()
