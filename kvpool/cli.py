@@ -50,6 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     transfer.add_argument("--dir", default="/dev/shm", help="where the host tier lives (a tmpfs)")
     transfer.add_argument("--repeats", type=int, default=5, help="rounds per batch size; the median is reported")
 
+    scale = bench.add_parser("pool-scale", help="a pool shard's upkeep at a million blocks; the scheduler's lookup")
+    scale.add_argument("--blocks", type=int, default=1_000_000)
+    scale.add_argument("--block-bytes", type=int, default=1_474_560, help="default: a SmolLM2 float32 block")
+    scale.add_argument("--writes-per-s", type=float, default=5000, help="new block files the engines write")
+    scale.add_argument("--touches-per-s", type=float, default=5000, help="block files the engines load or touch")
+    scale.add_argument("--seconds", type=float, default=30)
+    scale.add_argument("--period", type=float, default=0.5, help="the shard's upkeep period")
+    scale.add_argument("--lookups", type=int, default=200_000, help="blocks looked up, in chains of 64")
+    scale.add_argument("--dir", default="/dev/shm", help="where the host tier lives (a tmpfs)")
+    scale.add_argument("--seed", type=int, default=0)
+
     default_trace = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "claude-code"
     prompt = bench.add_parser("prompt", help="tokenizing agent turns whole vs reusing the previous turn's tokens")
     prompt.add_argument("--trace", default=str(default_trace), help="chat-message sessions (not token-id traces)")
@@ -215,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         from kvpool.bench.overhead import run
     elif args.bench == "overload":
         from kvpool.bench.overload import run
+    elif args.bench == "pool-scale":
+        from kvpool.bench.pool_scale import run
     else:
         from kvpool.bench.transfer import run
     print(json.dumps(run(args)))
