@@ -25,7 +25,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvpool.config import KVPoolConfig
 from kvpool.pool_catalog import PoolCatalog, report_ids
-from kvpool.pool_store import PoolStore
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +72,15 @@ class PoolShard:
     def describe(self) -> dict:
         """The pool's size and counters (live_session_blocks looks at every block: on demand only)."""
         with self.catalog.lock:
-            return self._describe()
-
-    def _describe(self) -> dict:
-        tiers = self.catalog.tiers
-        return {
-            "time": time.time(), "node": self.node_id,
-            "host_bytes": tiers["host"].bytes, "host_budget_bytes": self.cfg.pool_host_bytes,
-            "disk_bytes": tiers["disk"].bytes, "disk_budget_bytes": self.cfg.pool_disk_bytes,
-            "blocks": {t: len(q) for t, q in tiers.items()},
-            "live_session_blocks": self.catalog.live_session_blocks(self.cfg.pool_session_ttl_s),
-            "layouts": len(self.catalog.stores), "rescans": self.catalog.rescans, **self.counts,
-        }
+            tiers = self.catalog.tiers
+            return {
+                "time": time.time(), "node": self.node_id,
+                "host_bytes": tiers["host"].bytes, "host_budget_bytes": self.cfg.pool_host_bytes,
+                "disk_bytes": tiers["disk"].bytes, "disk_budget_bytes": self.cfg.pool_disk_bytes,
+                "blocks": {t: len(q) for t, q in tiers.items()},
+                "live_session_blocks": self.catalog.live_session_blocks(self.cfg.pool_session_ttl_s),
+                "layouts": len(self.catalog.stores), "rescans": self.catalog.rescans, **self.counts,
+            }
 
     def maintain(self) -> dict:
         """One pass, then the pool's size after it."""
@@ -146,7 +142,7 @@ class PoolShard:
         """Block files for another shard: per key, its file in each layout, from the first key up to the first that
         is missing in some layout (later blocks of the chain would be useless without it), and at most about
         `max_bytes` (at least one block): the caller asks again for the rest."""
-        stores = [self._store(layout) for layout in layouts]
+        stores = [self.catalog.store(layout) for layout in layouts]
         out: list[list[bytes]] = []
         size = 0
         for key in keys:
@@ -159,15 +155,12 @@ class PoolShard:
                 break
         return out
 
-    def _store(self, layout: str) -> PoolStore:
-        return PoolStore(self.catalog.roots["host"], self.catalog.roots["disk"], layout)
-
     async def pull(self, source_node: str, layouts: list[str], keys: list[str]) -> int:
         """Copy the blocks `keys` (each in every one of `layouts`, i.e. every engine rank) from the shard of
         `source_node` into this node's pool, in pieces of about FETCH_BYTES; returns how many leading blocks
         arrived."""
         source = ray.get_actor(shard_name(self.app_name, source_node), namespace=NAMESPACE)
-        stores = [self._store(layout) for layout in layouts]
+        stores = [self.catalog.store(layout) for layout in layouts]
 
         def write(first: int, blocks: list[list[bytes]]) -> int:
             """Store the blocks; returns how many, from the first, every layout took (a full tier takes none)."""

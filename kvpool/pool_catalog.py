@@ -6,9 +6,9 @@ directories for that costs O(blocks) a pass (4 to 7 s at a million blocks on tmp
 rescan_s), so the catalog lists them once and then follows inotify: a block renamed into place (written, copied,
 demoted), used (its times set: IN_ATTRIB) or deleted is looked at again, by name. Upkeep is then O(changes):
 each tier is an EvictionQueue, a pass over budget frees k blocks in O(k log n), and a report carries the blocks
-whose presence changed. Where notifications are not to be had (no inotify, a queue overflow, a tier on a network file system whose
-other writers the kernel never sees) a full rescan reconciles the catalog: at once on overflow, and every
-RESYNC_S regardless.
+whose presence changed. Where notifications are not to be had (no inotify, a queue overflow, a tier on a network
+file system whose other writers the kernel never sees) a full rescan reconciles the catalog: at once on overflow,
+and every RESYNC_S regardless.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from kvpool.pool_store import SUFFIX, BlockFile, EvictionQueue, PoolStore
 logger = logging.getLogger(__name__)
 
 TIERS = ("host", "disk")
-# Reconcile with a full rescan this often even when notifications keep up (about 2% of a core at a million blocks).
+# Reconcile with a full rescan this often even when notifications keep up (at a million blocks a rescan is the
+# listing, 6-7.5 s here, and building the queues).
 RESYNC_S = 600.0
 
 # <sys/inotify.h>
@@ -100,6 +101,7 @@ class PoolCatalog:
 
     def __init__(self, host_root: str | os.PathLike, disk_root: str | os.PathLike):
         self.roots = {"host": Path(host_root), "disk": Path(disk_root)}
+        self._root_dirs = {r.resolve() for r in self.roots.values()}  # (the host tier may live inside the disk's)
         self.tiers = {t: EvictionQueue() for t in TIERS}
         self.stores: dict[str, PoolStore] = {}  # layout -> its store (demotion, reads)
         self.changed: set[BlockId] = set()  # blocks whose presence on the node changed since the last report
@@ -187,14 +189,13 @@ class PoolCatalog:
             except (OSError, AttributeError) as e:  # not Linux, or no instance left
                 self._no_notifications(e)
         files: list[BlockFile] = []
-        other_roots = {r.resolve() for r in self.roots.values()}
         for tier, root in self.roots.items():
             root.mkdir(parents=True, exist_ok=True)
             self._watch(root, tier, None)
             for d in sorted(root.iterdir()):
-                if d.is_dir() and d.resolve() not in other_roots:  # (the host tier may live inside the disk's)
+                if d.is_dir() and d.resolve() not in self._root_dirs:
                     if self._watch(d, tier, d.name):
-                        files += self._store(d.name).scan(tier)
+                        files += self.store(d.name).scan(tier)
         tiers = {t: EvictionQueue.of([f for f in files if f.tier == t], _block_id) for t in TIERS}
         was = self.tiers["host"].blocks.keys() | self.tiers["disk"].blocks.keys()
         self.tiers = tiers
@@ -220,17 +221,18 @@ class PoolCatalog:
             self._no_notifications(e)
         return True
 
-    def _store(self, layout: str) -> PoolStore:
+    def store(self, layout: str) -> PoolStore:
+        """The store of a layout's blocks on this node (one per layout, kept)."""
         if layout not in self.stores:
             self.stores[layout] = PoolStore(self.roots["host"], self.roots["disk"], layout)
         return self.stores[layout]
 
     def _follow_layout(self, tier: str, layout: str) -> None:
         """A layout's directory appeared in a tier: watch it, then add what it holds already."""
-        if (self.roots[tier] / layout).resolve() in {r.resolve() for r in self.roots.values()}:
+        if (self.roots[tier] / layout).resolve() in self._root_dirs:
             return
         if self._watch(self.roots[tier] / layout, tier, layout):
-            for f in self._store(layout).scan(tier):
+            for f in self.store(layout).scan(tier):
                 self._put(f)
 
     def _look(self, tier: str, block: BlockId) -> None:
@@ -268,7 +270,7 @@ class PoolCatalog:
         with self.lock:
             self._refresh()
             leaving = self.tiers["host"].shed(host_budget, now, session_ttl_s)
-        moved = [disk_budget > 0 and self._store(f.layout).demote(f) for f in leaving]
+        moved = [disk_budget > 0 and self.store(f.layout).demote(f) for f in leaving]
         gone = self._delete([f for f, ok in zip(leaving, moved) if not ok])
         with self.lock:
             for f, ok in zip(leaving, moved):
