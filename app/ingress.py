@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import time
 from collections import Counter
 from typing import Any, AsyncIterator, Callable
@@ -124,19 +125,39 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(request, APIError(500, f"internal error: {type(exc).__name__}", "InternalServerError"))
 
 
+# A JSON string escape of a UTF-16 surrogate: only a pair of them is a character.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def _json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)  # bytes: invalid UTF-8 raises UnicodeDecodeError, a ValueError
-    except ValueError as e:
+        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through (it decodes "surrogatepass").
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
+    except ValueError as e:  # invalid UTF-8 (UnicodeDecodeError) or JSON
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if _SURROGATE_ESCAPE.search(raw):  # rare (pairs are emoji escaped): then the exact, slower check
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate is no text: the tokenizer, the engine and every response that quotes it would fail.
+            raise APIError(400, "request body has an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which "
+                           "is not text") from None
+    return data
+
+
+def _json_object(raw: bytes) -> dict:
+    data = _json(raw)
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return data
 
 
 def _parse(raw: bytes, model_cls: type[BaseModel]) -> Any:
     """Bytes -> vLLM's request model, or a 400 that says what is wrong. A field the model does not know would be
     ignored by vLLM: here it is refused by name, so nothing an agent sends is silently dropped."""
-    data = _json(raw)
-    if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object")
+    data = _json_object(raw)
     known = {name for name, f in model_cls.model_fields.items()} | \
         {f.alias for f in model_cls.model_fields.values() if f.alias}
     unknown = sorted(set(data) - known)
@@ -346,8 +367,7 @@ class OpenAIIngress:
 
         self._tenant(request)
         raw = await request.body()
-        data = _json(raw)
-        req = _parse(raw, TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest)
+        req = _parse(raw, TokenizeChatRequest if "messages" in _json_object(raw) else TokenizeCompletionRequest)
         return await self._respond(self.serving["tokenize"].create_tokenize(req, request), None, stream=False)
 
     # --- the request path ----------------------------------------------------------------------------------------

@@ -129,6 +129,10 @@ BAD = {  # name: (body, status, the parameter the error names, or None)
     "stop type": (_chat(stop=5), 400, "stop"),
     "top_logprobs": (_chat(logprobs=True, top_logprobs=21), 400, None),
     "a field nothing here honours": (_chat(audio={"voice": "alloy"}, prediction=1), 400, "audio"),
+    # Found by tests/test_fuzz.py (each was a 500):
+    "nested too deeply": (b"[" * 100_000 + b"]" * 100_000, 400, None),
+    "an unpaired surrogate, escaped": (_chat(model="\ud800"), 400, None),
+    "an unpaired surrogate, encoded": (_chat(stop=["a"]).replace(b'"a"', b'"\xed\xa0\x80"'), 400, None),
 }
 
 
@@ -142,6 +146,22 @@ def test_bad_input_gets_an_error_in_vllms_openai_style(tiny_app, name):
     assert err["message"] and err["code"] == status and err["type"].endswith("Error"), err
     if param:
         assert err["param"].split(".")[0] == param, err
+
+
+def test_a_surrogate_pair_is_text(tiny_app):
+    r = _post(tiny_app[0], _chat(messages=[{"role": "user", "content": "\U0001f642"}], max_tokens=1))  # "\ud83d\ude42"
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/messages",
+                                  "/v1/messages/count_tokens", "/tokenize"])
+@pytest.mark.parametrize("body", [b"null", b"1e999999", b"[]"])
+def test_a_body_that_is_not_a_json_object_is_a_400_in_the_apis_style(tiny_app, path, body):
+    r = httpx.post(f"{tiny_app[0]}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text  # /tokenize answered 500 (found by tests/test_fuzz.py)
+    err = r.json()["error"]
+    assert err["message"] == "request body must be a JSON object"
+    assert (r.json().get("type") == "error") == path.startswith("/v1/messages")
 
 
 def test_unknown_route_is_json_404(tiny_app):
@@ -162,5 +182,5 @@ def test_bad_requests_do_not_harm_good_ones(tiny_app):
 
     results = asyncio.run(run())
     assert [r.status_code for r in results[:4]] == [200] * 4
-    assert all(400 <= r.status_code < 500 for r in results[4:])
+    assert [r.status_code for r in results[4:]] == [BAD[k][1] for k in BAD]
     assert all(r.json()["usage"]["completion_tokens"] == 4 for r in results[:4])

@@ -1,8 +1,13 @@
-"""Property-based fuzzing of the HTTP API (hypothesis) against the real app: whatever a client sends, the answer is
-never a 5xx, the server keeps serving, and no request is left counted in a replica's queue."""
+"""Fuzzing the HTTP API against the real app: whatever a client sends, the answer is never a 5xx (nor an error of
+the server's inside a 200 stream), an error is a JSON body in the API's own style, the server keeps serving,
+a good request sent among the bad ones gets the answer it gets alone, and no request is left counted in a replica's
+queue. Two generators: hypothesis's random JSON per API, and 10,000 mutated valid requests over every endpoint
+(tests/fuzz_cases.py), sent 8 at a time."""
 
 import json
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from hypothesis import HealthCheck, given, settings
@@ -50,6 +55,69 @@ def test_no_input_makes_a_5xx(tiny_app, case, raw, garbage):
     assert r.status_code < 500, (body, r.status_code, r.text[:300])
     if r.status_code >= 400:
         assert "message" in r.json()["error"]
+
+
+CANARY = {"model": "tiny", "prompt": "the canary checks that bad requests harm no other " * 4, "max_tokens": 8,
+          "temperature": 0, "logprobs": 1}
+
+
+def _server_errors_in_stream(text: str) -> list:
+    """Error events of the server's own (5xx, or Anthropic's api_error) inside a 200 event stream."""
+    found = []
+    for line in text.splitlines():
+        if not line.startswith("data:") or line.strip() == "data: [DONE]":
+            continue
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            found.append(line[:200])
+            continue
+        err = event.get("error") if isinstance(event, dict) else None
+        if isinstance(err, dict) and (err.get("type") == "api_error" or (err.get("code") or 0) >= 500):
+            found.append(err)
+    return found
+
+
+def test_ten_thousand_mutated_requests_over_every_endpoint(tiny_app):
+    from fuzz_cases import cases
+
+    url, _ = tiny_app
+    all_cases = cases(10_000, seed=0)
+    with httpx.Client(base_url=url, timeout=120) as http:
+        reference = http.post("/v1/completions", json=CANARY).json()["choices"][0]
+
+        def send(i: int):
+            if i % 500 == 499:  # a good request among the bad ones gets the answer it gets alone
+                r = http.post("/v1/completions", json=CANARY)
+                assert r.status_code == 200, r.text
+                return ("canary", r.json()["choices"][0]["text"])
+            case = all_cases[i]
+            r = http.request(case.method, case.path, content=case.body or None, headers=case.headers)
+            text = r.text
+            if r.status_code >= 500:
+                return ("5xx", case.path, r.status_code, case.body[:300], text[:300])
+            if r.status_code >= 400:
+                body = r.json()  # JSON, in the API's own style
+                anthropic = case.path.startswith("/v1/messages")
+                ok = body.get("type") == "error" and "message" in body["error"] if anthropic \
+                    else "message" in body["error"]
+                return ("ok",) if ok else ("bad error body", case.path, text[:300])
+            if "text/event-stream" in r.headers.get("content-type", ""):
+                errors = _server_errors_in_stream(text)
+                if errors:
+                    return ("error in stream", case.path, case.body[:300], errors[:2])
+            return ("ok",)
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(8) as workers:
+            results = list(workers.map(send, range(len(all_cases))))
+        elapsed = time.monotonic() - start
+    failures = [r for r in results if r[0] not in ("ok", "canary")]
+    kinds = Counter((r[0], r[1], str(r[-1])[:120]) for r in failures)  # one line per kind of failure
+    assert not failures, "\n".join(f"{n} x {kind}" for kind, n in kinds.most_common()) + f"\n{failures[:3]}"
+    canaries = {r[1] for r in results if r[0] == "canary"}
+    assert canaries == {reference["text"]}, canaries
+    print(f"{len(all_cases)} cases in {elapsed:.0f} s")
 
 
 def test_after_fuzzing_nothing_is_stuck(tiny_app):
