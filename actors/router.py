@@ -11,7 +11,8 @@ Faults it survives:
   (its owner, the ingress replica that made it, died), the ingress makes another. Either way the engines register
   again at their next health check (every 5 s), their event relays follow it to its address and topic, and they
   replay the batches their publishers still buffer (vLLM keeps the last 10,000), so it relearns what they hold
-  (blocks stored before that stay unindexed). Meanwhile the ingress routes on Serve's power-of-two fallback;
+  (blocks stored before that stay unindexed); a replay is decoded and applied in pieces, routes answered between
+  them. Meanwhile the ingress routes on Serve's power-of-two fallback;
 - strangers and bad input on its event port: only topics carrying the app's secret are received, batches from no
   known replica are dropped, an event that cannot be applied resets that replica's view (RouterCore.ingest), and
   the receive queue and message size are bounded;
@@ -39,6 +40,13 @@ from kvpool.routing import Decision, ReplicaLoad, RouterCore
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "kvpool"
+
+# A replay is decoded and applied in pieces of this many block events (RouterCore.apply_replay), each followed by a
+# turn of the event loop, so a route waits for one piece at most, never for the whole replay (10,000 batches of 16
+# blocks: ~0.8 s of CPU on the 2-core dev machine, whatever the piece size from 128 to 512). There a piece took
+# 1.2 ms (p99 2.1 ms); the longer stalls left are the index's growth (a block table rebuild or a dict resize, tens
+# of ms at 100K blocks), which no piece size splits (`kvpool bench router`, replay_*; BENCHMARKS.md).
+REPLAY_PIECE_EVENTS = 256
 
 
 def router_name(app_name: str) -> str:
@@ -165,7 +173,8 @@ class RouterActor:
                 for rid in self.core.book.expire(self.cfg.router_inflight_ttl_s):
                     logger.warning("request %s never reported its end: no longer counted as load", rid)
                 for replica in self.core.expire_replays(60.0):
-                    logger.warning("replica %s never sent the replay it was asked for", replica)
+                    logger.warning("replica %s's replay was given up: never sent, or left half applied", replica)
+                    await self._apply_replay(replica)
             except Exception:
                 logger.exception("router upkeep failed")
 
@@ -211,14 +220,21 @@ class RouterActor:
         return reply
 
     async def replayed(self, replica: str, messages: list[list[bytes]] | None) -> None:
-        """The replay `register` asked for: the publisher's buffered messages, oldest first (None: it failed)."""
+        """The replay `register` asked for: the publisher's buffered messages, oldest first (None: it failed).
+        Decoding and applying all of them (up to 10,000) takes the router seconds: they go in pieces, with the
+        event loop's other work (routes, live batches) between them."""
         batches = None
         if messages is not None:
-            try:
-                batches = [(seq, batch.events) for _, seq, batch in map(decode_message, messages)]
+            try:  # a message's sequence number is a frame of its own: read without decoding the batch
+                batches = [(int.from_bytes(frames[1], "big"), frames) for frames in messages]
             except Exception:
                 logger.warning("replica %s sent an undecodable replay", replica)
-        self.core.end_replay(replica, batches)
+        if self.core.end_replay(replica, batches, decode=lambda frames: decode_message(frames)[2].events):
+            await self._apply_replay(replica)
+
+    async def _apply_replay(self, replica: str) -> None:
+        while not self.core.apply_replay(replica, REPLAY_PIECE_EVENTS):
+            await asyncio.sleep(0)  # one turn of the loop: what became ready meanwhile runs
 
     async def pool_update(self, node: str, seq: int, added: dict[str, np.ndarray],
                           removed: dict[str, np.ndarray]) -> bool:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from kvpool.block_table import BlockTable
+from kvpool.events import BlockRemoved, BlockStored
 from kvpool.index import PrefixIndex
 
 logger = logging.getLogger(__name__)
@@ -265,6 +266,23 @@ class PoolView:
         return offers
 
 
+@dataclass
+class Replay:
+    """A replay of one replica's recent batches (RouterCore.begin_replay): awaited, then applied piece by piece,
+    followed by the live batches that arrived meanwhile, so that no piece keeps the router from routing for long."""
+    progress_at: float  # when it was asked for, or applied its last piece: expire_replays gives up on a stalled one
+    waiting: deque = field(default_factory=deque)  # live (seq, events) batches since it was asked for, oldest first
+    batches: deque | None = None  # the replay's (seq, batch) not applied yet; None until it arrives
+    decode: Callable[[Any], list] | None = None  # a replayed batch -> its events (None: it is its events)
+    newest: int | None = None  # the replay's newest seq: a waiting batch up to it is in the replay already
+    applied_events: int = 0  # events already applied of the batch first in line (a batch may span pieces)
+
+
+def block_events(event) -> int:
+    """What an event costs to apply, in block events: its blocks (one for an event with none, e.g. a clear)."""
+    return (len(event.block_hashes) if isinstance(event, (BlockStored, BlockRemoved)) else 0) or 1
+
+
 class RouterCore:
     """The router's state and decision with no I/O: which replica holds which blocks (PrefixIndex, fed the
     engines' KV events), their queues (LoadBook), the pool (PoolView, fed the shards' reports), and `route`. The
@@ -292,7 +310,7 @@ class RouterCore:
         self.last_seq: dict[str, int] = {}  # replica -> sequence number of its last event batch
         self.event_counts: dict[str, Counter] = {}  # replica -> applied, orphans, resets, malformed, replays
         self.complete: set[str] = set()  # replicas whose view holds every batch since the engine's first (or replay)
-        self.replaying: dict[str, tuple[float, list]] = {}  # replica -> (awaited since, batches that wait for it)
+        self.replaying: dict[str, Replay] = {}  # replica -> its replay, awaited or being applied
         self.foreign_batches = 0  # event batches from a topic that is no replica of the app: dropped
 
     def ingest(self, replica: str, seq: int, events: list) -> str | None:
@@ -300,7 +318,8 @@ class RouterCore:
         when it applied cleanly, else what happened instead:
         - "unknown": the topic is no live or registered replica (a stray publisher, or a replica already dropped):
           the batch is dropped, so it can neither create an index entry nor revive a dead replica's;
-        - "deferred": a replay of the replica's recent batches is on its way; this batch applies after it;
+        - "deferred": a replay of the replica's recent batches is on its way or being applied; this batch applies
+          after it;
         - "gap": batches were lost in between (removals among them, maybe): the replica's view was reset first;
         - "malformed": an event could not be applied (e.g. another block size): the replica's view is reset and
           the rest of the batch dropped, so the index never holds a half-applied batch. Never raises."""
@@ -308,15 +327,18 @@ class RouterCore:
             self.foreign_batches += 1
             return "unknown"
         if replica in self.replaying:
-            self.replaying[replica][1].append((seq, events))
+            self.replaying[replica].waiting.append((seq, events))
             return "deferred"
         return self._apply(replica, seq, events)
 
     def _apply(self, replica: str, seq: int, events: list) -> str | None:
-        counts = self.event_counts.setdefault(replica, Counter())
+        gap = self._sequence(replica, seq)
+        return self._apply_events(replica, events) or gap
+
+    def _sequence(self, replica: str, seq: int) -> str | None:
+        """Batch `seq` of `replica` is next to apply: "gap" (and the view reset) when batches were lost before it."""
         last = self.last_seq.get(replica)
         self.last_seq[replica] = seq
-        outcome = None
         if last is None:
             if seq == 0:  # heard from the engine's first batch on: the view is whole
                 self.complete.add(replica)
@@ -324,8 +346,13 @@ class RouterCore:
             logger.warning("KV view of replica %s reset: sequence gap %s -> %s", replica, last, seq)
             self.index.clear(replica)
             self.complete.discard(replica)
-            counts["resets"] += 1
-            outcome = "gap"
+            self.event_counts.setdefault(replica, Counter())["resets"] += 1
+            return "gap"
+        return None
+
+    def _apply_events(self, replica: str, events: list) -> str | None:
+        """Apply events of a batch: "malformed" (the view reset) when one could not be, the rest then dropped."""
+        counts = self.event_counts.setdefault(replica, Counter())
         for ev in events:
             try:
                 if not self.index.apply(replica, ev):
@@ -339,18 +366,18 @@ class RouterCore:
                 counts["malformed"] += 1
                 return "malformed"
             counts["applied"] += 1
-        return outcome
+        return None
 
     # A router that started after an engine (it restarted), or lost some of its batches, knows only part of what
     # that engine holds. The engine's publisher keeps its recent batches (vLLM's replay buffer); the engine sends
     # them when the router asks (actors/engine.py), and the view is rebuilt from them.
 
     def begin_replay(self, replica: str, now: float | None = None, published_before: int | None = None) -> bool:
-        """Whether `replica`'s view is incomplete and no replay is on its way; if so, one is now awaited: the view
-        is emptied (the removals among the live batches that wait for the replay must not be missed meanwhile) and
-        those batches wait for it (see end_replay). `published_before`: a batch the engine published long enough
-        ago to have arrived; a view that stops short of it lost the batches since, though no later one showed
-        the gap (the engine went quiet after them)."""
+        """Whether `replica`'s view is incomplete and no replay is on its way or being applied; if so, one is now
+        awaited: the view is emptied (the removals among the live batches that wait for the replay must not be
+        missed meanwhile) and those batches wait for it (see end_replay). `published_before`: a batch the engine
+        published long enough ago to have arrived; a view that stops short of it lost the batches since, though no
+        later one showed the gap (the engine went quiet after them)."""
         if replica in self.replaying:
             return False
         if replica in self.complete and published_before is not None and \
@@ -362,38 +389,104 @@ class RouterCore:
         if replica in self.complete:
             return False
         self.index.clear(replica)
-        self.replaying[replica] = (time.monotonic() if now is None else now, [])
+        self.replaying[replica] = Replay(time.monotonic() if now is None else now)
         return True
 
-    def end_replay(self, replica: str, batches: list[tuple[int, list]] | None) -> None:
-        """The replica's replayed (seq, events) batches, oldest first, or None when the replay failed. The view is
-        rebuilt from the contiguous run of batches that ends at the newest (a batch lost before it may have removed
-        blocks), then the batches that arrived meanwhile apply."""
-        pending = self.replaying.pop(replica, None)
-        if pending is None:  # dropped, or expired, meanwhile
-            return
-        waiting = pending[1]
+    def end_replay(self, replica: str, batches: Sequence[tuple[int, Any]] | None,
+                   decode: Callable[[Any], list] | None = None, now: float | None = None) -> bool:
+        """The replica's replayed (seq, batch) pairs arrived, oldest first, or None: the replay failed. A batch is
+        its events, or what `decode` turns into them as it applies (a replay decoded whole, up to 10,000 batches,
+        would keep the router as busy as applying it does, and hold all of it decoded at once). Returns whether the
+        replay was awaited (not dropped, given up or answered meanwhile); if so, apply_replay applies it. The view
+        is rebuilt from the contiguous run of batches that ends at the newest (a batch lost before it may have
+        removed blocks), then the batches that arrived meanwhile apply (or, when it failed, just those)."""
+        replay = self.replaying.get(replica)
+        if replay is None or replay.batches is not None:
+            return False
+        replay.progress_at = time.monotonic() if now is None else now
+        replay.batches = deque()
         if batches is not None:
             start = max((i for i in range(1, len(batches)) if batches[i][0] != batches[i - 1][0] + 1), default=0)
-            batches = batches[start:]
+            replay.batches.extend(batches[start:])
+            replay.decode = decode
             self.index.clear(replica)
             self.last_seq.pop(replica, None)
             self.event_counts.setdefault(replica, Counter())["replays"] += 1
-            for seq, events in batches:
-                self._apply(replica, seq, events)
-            self.complete.add(replica)  # as complete as the engine's buffer: older blocks stay unindexed
             if batches:
-                waiting = [(seq, events) for seq, events in waiting if seq > batches[-1][0]]
-        for seq, events in waiting:
-            self._apply(replica, seq, events)
+                replay.newest = batches[-1][0]
+            else:
+                self.complete.add(replica)  # as complete as the engine's buffer, which was empty
+        return True
+
+    def apply_replay(self, replica: str, max_events: int | None = None, now: float | None = None) -> bool:
+        """Apply the next piece of `replica`'s replay once it arrived (end_replay): its batches, then the live ones
+        that waited for it, in order, up to `max_events` block events (block_events; a batch counts one more for
+        itself; a piece ends on an event, so it holds one at least; None: all). Live batches that arrive before
+        the last piece wait too. A replayed batch that cannot be decoded gives the replay up (expire_replays).
+        Returns whether nothing of it is left to apply: it is done, or was dropped (or given up and asked for
+        again) meanwhile."""
+        replay = self.replaying.get(replica)
+        if replay is None or replay.batches is None:
+            return True
+        budget = max_events if max_events is not None else float("inf")
+        while budget > 0 and (replay.batches or replay.waiting):
+            from_replay = bool(replay.batches)
+            line = replay.batches if from_replay else replay.waiting
+            seq, events = line[0]
+            if not from_replay and replay.newest is not None and seq <= replay.newest:
+                line.popleft()  # the replay held it already
+                budget -= 1
+                continue
+            first = end = replay.applied_events
+            if first == 0:
+                if from_replay and replay.decode is not None:
+                    try:
+                        events = replay.decode(events)
+                    except Exception:
+                        logger.warning("replica %s sent an undecodable replay: given up", replica)
+                        self._give_up(replica, replay)
+                        continue
+                    line[0] = (seq, events)  # kept decoded: its events may span pieces
+                self._sequence(replica, seq)
+            while end < len(events) and budget > 0:
+                budget -= block_events(events[end])
+                end += 1
+            malformed = self._apply_events(replica, events[first:end])
+            if end < len(events) and not malformed:
+                replay.applied_events = end  # the rest of the batch goes in the next piece
+                break
+            line.popleft()
+            replay.applied_events = 0
+            budget -= 1
+            if from_replay and not replay.batches:
+                self.complete.add(replica)  # as complete as the engine's buffer: older blocks stay unindexed
+        # The index hashes stored blocks in bulk when a route reads it; hashing this piece's now bounds that work
+        # by the piece too.
+        self.index.flush()
+        if replay.batches or replay.waiting:
+            replay.progress_at = time.monotonic() if now is None else now
+            return False
+        del self.replaying[replica]
+        return True
+
+    def _give_up(self, replica: str, replay: Replay) -> None:
+        """The rest of `replay` is not applied: the batches that waited for it apply as after a failed one."""
+        if replay.batches:  # its batch first in line may be half applied, its removals missed: the view restarts
+            self.index.clear(replica)
+            self.last_seq.pop(replica, None)
+            self.complete.discard(replica)  # (its batch 0, if it held it, made the view complete so far)
+            replay.applied_events = 0
+        replay.batches = deque()
 
     def expire_replays(self, max_age_s: float, now: float | None = None) -> list[str]:
-        """Give up on replays awaited longer than `max_age_s` (their engine died or is unreachable): the batches
-        that waited apply. Returns those replicas."""
+        """Give up on replays that made no progress for `max_age_s`: awaited (their engine died or is unreachable)
+        or left half applied (whatever applied them stopped). The batches that waited for them still apply,
+        through apply_replay. Returns those replicas."""
         now = time.monotonic() if now is None else now
-        late = [r for r, (since, _) in self.replaying.items() if now - since > max_age_s]
+        late = [r for r, replay in self.replaying.items() if now - replay.progress_at > max_age_s]
         for r in late:
-            self.end_replay(r, None)
+            self._give_up(r, self.replaying[r])
+            self.replaying[r].progress_at = now
         return late
 
     def keep_nodes(self, alive: set[str]) -> list[str]:

@@ -461,6 +461,12 @@ def test_event_batches_from_strangers_bad_events_and_gaps_never_leave_wrong_hits
     assert "a" not in core.index.replicas()
 
 
+def replay_whole(core, replica, batches):
+    """A replay arrives and applies at once (the router actor applies it piece by piece)."""
+    assert core.end_replay(replica, batches)
+    assert core.apply_replay(replica)
+
+
 def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
     core = RouterCore(block_size=BS, running_cost_tokens=0)
     core.node_of["a"] = "n1"
@@ -481,21 +487,21 @@ def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
     # Batch 1 of the replay was lost: batch 0 (another prompt) may have been removed in it, so only the run
     # 2..4 rebuilds the view; then batch 5 applies, once (the replay already held batch 4).
     other = list(range(9000, 9000 + BS))
-    core.end_replay("a", [(0, [stored(other, 0, 1, tag=9)]), (2, [head]), (3, []), (4, [stored(own, 0, 1, tag=7),
-                                                                                        middle])])
+    replay_whole(core, "a", [(0, [stored(other, 0, 1, tag=9)]), (2, [head]), (3, []), (4, [stored(own, 0, 1, tag=7),
+                                                                                         middle])])
     assert core.index.match(hashes, ["a"]) == {"a": 5} and core.index.match(block_hashes(own, BS), ["a"]) == {"a": 1}
     assert core.index.match(block_hashes(other, BS), ["a"]) == {"a": 0}
     assert core.event_counts["a"]["replays"] == 1 and not core.begin_replay("a", now=1)  # the view is whole
     # A later gap makes it partial again; a replay that fails lets the waiting batches apply as they are.
     assert core.ingest("a", 7, []) == "gap" and core.begin_replay("a", now=2)
     assert core.ingest("a", 8, [head]) == "deferred"
-    core.end_replay("a", None)
+    replay_whole(core, "a", None)
     assert core.index.match(hashes, ["a"]) == {"a": 2} and core.begin_replay("a", now=3)
     assert core.index.match(hashes, ["a"]) == {"a": 0}
     # A replay that never comes (its engine died) is given up, and its waiting batches apply.
     assert core.ingest("a", 9, [head]) == "deferred" and core.ingest("a", 10, [middle]) == "deferred"
     assert core.expire_replays(60, now=30) == [] and core.expire_replays(60, now=64) == ["a"]
-    assert core.index.match(hashes, ["a"]) == {"a": 4}
+    assert core.apply_replay("a") and core.index.match(hashes, ["a"]) == {"a": 4}
     # A replica whose first batch the router hears is the engine's first needs no replay.
     core.node_of["b"] = "n1"
     assert core.ingest("b", 0, [head]) is None and not core.begin_replay("b")
@@ -512,9 +518,202 @@ def test_batches_lost_before_the_engine_went_quiet_are_found_by_the_next_registr
     # Batch 1 was published but never arrived, and the engine has been quiet since.
     assert core.begin_replay("a", now=0, published_before=1)
     assert core.event_counts["a"]["lost_tails"] == 1
-    core.end_replay("a", [(0, [head]), (1, [tail])])
+    replay_whole(core, "a", [(0, [head]), (1, [tail])])
     assert core.index.match(block_hashes(tokens, BS), ["a"]) == {"a": 4}
     assert not core.begin_replay("a", now=1, published_before=1)
+
+
+def engine_batches(n_batches: int, seed: int = 0) -> tuple[list[tuple[int, list]], list[list[int]]]:
+    """An engine's KV event batches 0..n_batches-1, as its replay buffer holds them: prompts of 6 blocks stored in
+    two chained events (the second one now and then in the next batch), some evicted whole or in part, now and then
+    the whole cache cleared; and every prompt's token ids, to look the view up by."""
+    rng = random.Random(seed)
+    prompts, batches, tail = [], [], []
+    for seq in range(n_batches):
+        events, tail = tail, []
+        roll = rng.random()
+        if roll < 0.6 or not prompts:
+            tag = len(prompts)
+            tokens = [rng.randrange(50_000) for _ in range(6 * BS)]
+            prompts.append(tokens)
+            events.append(stored(tokens, 0, 3, tag=tag))
+            second = stored(tokens, 3, 3, parent=hash((tag, 2)), tag=tag)
+            (events if rng.random() < 0.5 else tail).append(second)
+        elif roll < 0.97:
+            tag = rng.randrange(len(prompts))
+            events.append(BlockRemoved(block_hashes=[hash((tag, i)) for i in range(rng.randrange(6), 6)]))
+        else:
+            events.append(AllBlocksCleared())
+        batches.append((seq, events))
+    return batches, prompts
+
+
+def view(core, replica, prompts) -> tuple:
+    """What the router knows of `replica`: each prompt's cached leading blocks, its blocks, where its batches
+    stand."""
+    return ([core.index.match(block_hashes(p, BS), [replica])[replica] for p in prompts],
+            core.index.num_blocks(replica), core.last_seq.get(replica), replica in core.complete)
+
+
+@pytest.mark.parametrize("max_events", [1, 5, 16, 64])
+def test_a_replay_applied_piece_by_piece_gives_the_view_applied_whole(max_events):
+    batches, prompts = engine_batches(120)
+    # Batch 3 was lost from the replay (only 4.. rebuilds the view), and batch 50 holds an event of another block
+    # size (the view resets there and the rest of that batch is dropped).
+    replay = batches[:3] + batches[4:]
+    bad = BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=list(range(16)), block_size=16)
+    replay[49] = (replay[49][0], [bad] + replay[49][1])
+    assert replay[49][0] == 50
+    cores = []
+    for pieces_of in (None, max_events):
+        core = RouterCore(block_size=BS, running_cost_tokens=0)
+        core.node_of["a"] = "n1"
+        assert core.begin_replay("a") and core.end_replay("a", replay)
+        pieces, applied = 0, 0
+        while True:
+            pieces += 1
+            done = core.apply_replay("a", pieces_of)
+            # A piece applies up to max_events block events, and at least one event.
+            events = core.event_counts["a"]["applied"] + core.event_counts["a"]["malformed"] - applied
+            assert 1 <= events <= (pieces_of or 10 ** 9)
+            applied += events
+            if done:
+                break
+        cores.append((core, pieces))
+    (whole, one), (in_pieces, many) = cores
+    assert one == 1 and many > 1 and "a" not in in_pieces.replaying
+    assert view(in_pieces, "a", prompts) == view(whole, "a", prompts)
+    assert in_pieces.event_counts["a"] == whole.event_counts["a"]
+    assert whole.event_counts["a"]["malformed"] == 1 and "resets" not in whole.event_counts["a"]
+    assert sum(view(whole, "a", prompts)[0]) > 0  # (some prompts are cached: the views compared are not empty)
+
+
+def test_live_batches_that_arrive_between_the_pieces_of_a_replay_apply_after_it_none_lost():
+    batches, prompts = engine_batches(60, seed=1)
+    # What the router would know had it heard every batch as it came.
+    reference = RouterCore(block_size=BS, running_cost_tokens=0)
+    reference.node_of["a"] = "n1"
+    for seq, events in batches:
+        assert reference.ingest("a", seq, events) is None
+    core = RouterCore(block_size=BS, running_cost_tokens=0)
+    core.node_of["a"] = "n1"
+    for seq, events in batches[:10]:
+        core.ingest("a", seq, events)
+    assert core.ingest("a", 12, batches[12][1]) == "gap"  # batches 10 and 11 were lost
+    assert core.begin_replay("a")
+    assert core.ingest("a", 13, batches[13][1]) == "deferred"  # while the replay is on its way
+    # The engine read its buffer when it had published batch 39; then the replay's pieces apply, and live batches
+    # keep coming between them: 39 once more (late), then the engine's next ones, removals and stores.
+    assert core.end_replay("a", batches[:40])
+    live = iter(batches[39:])
+    pieces = 0
+    while not core.apply_replay("a", 8):
+        pieces += 1
+        assert not core.begin_replay("a")  # a registration in between asks for no second replay
+        nxt = next(live, None)
+        if nxt is not None:
+            assert core.ingest("a", *nxt) == "deferred"
+    assert pieces > len(batches) - 39 and next(live, None) is None
+    assert view(core, "a", prompts) == view(reference, "a", prompts)
+    assert core.event_counts["a"]["resets"] == 1  # the gap at 12 only: no batch lost, none applied twice
+    assert core.ingest("a", 60, []) is None and not core.begin_replay("a")
+
+
+def test_a_replica_dropped_while_its_replay_applies_keeps_no_blocks():
+    batches, prompts = engine_batches(60, seed=2)
+    core = RouterCore(block_size=BS, running_cost_tokens=0)
+    core.set_replicas(["a", "b"])
+    core.register("a", "n1")
+    assert core.begin_replay("a") and core.end_replay("a", batches)
+    assert not core.apply_replay("a", 16) and core.index.num_blocks("a") > 0
+    assert core.set_replicas(["b"]) == ["a"]  # Serve's list dropped it mid-replay
+    assert core.apply_replay("a", 16)  # what applied the replay stops there
+    assert core.index.num_blocks("a") == 0 and "a" not in core.index.replicas()
+    # It comes back and a replay is awaited again: the first one's applier, one piece late, applies nothing.
+    assert core.register("a", "n1") and core.begin_replay("a")
+    assert core.apply_replay("a", 16) and core.index.num_blocks("a") == 0
+    assert core.end_replay("a", batches) and not core.apply_replay("a", 16) and core.index.num_blocks("a") > 0
+    core.died("a")  # its actor died mid-replay: dropped for good
+    assert core.apply_replay("a", 16) and "a" not in core.index.replicas()
+    assert core.ingest("a", 60, batches[0][1]) == "unknown" and "a" not in core.index.replicas()
+    assert not core.end_replay("a", batches) and core.apply_replay("a")
+
+
+def test_a_replay_that_stops_or_cannot_be_decoded_is_given_up_and_what_waited_for_it_applies():
+    batches, prompts = engine_batches(40, seed=3)
+    core = RouterCore(block_size=BS, running_cost_tokens=0)
+    core.node_of["a"] = "n1"
+    # A replay that keeps applying pieces is not given up, however long ago it was asked for...
+    assert core.begin_replay("a", now=0)
+    assert core.ingest("a", 38, batches[38][1]) == "deferred"
+    assert core.end_replay("a", batches[:38], now=59) and not core.apply_replay("a", 16, now=100)
+    assert core.expire_replays(60, now=150) == []
+    # ...one whose applier stopped half way is: its view restarts from the batches that waited.
+    assert core.expire_replays(60, now=161) == ["a"] and core.expire_replays(60, now=162) == []
+    assert core.ingest("a", 39, batches[39][1]) == "deferred"
+    assert core.apply_replay("a") and "a" not in core.replaying and core.last_seq["a"] == 39
+    partial = RouterCore(block_size=BS, running_cost_tokens=0)
+    partial.node_of["a"] = "n1"
+    for seq, events in batches[38:]:
+        partial.ingest("a", seq, events)
+    assert view(core, "a", prompts) == view(partial, "a", prompts) and core.begin_replay("a", now=170)
+    # A replay with a batch that cannot be decoded: given up there, as a failed one.
+
+    def decode(events):
+        if events == "garbage":
+            raise ValueError("not msgpack")
+        return events
+
+    assert core.ingest("a", 40, []) == "deferred"
+    assert core.end_replay("a", batches[:20] + [(20, "garbage")] + batches[21:40], decode=decode)
+    assert core.apply_replay("a") and core.last_seq["a"] == 40 and "a" not in core.complete
+    assert core.index.num_blocks("a") == 0 and core.begin_replay("a", now=180)
+    assert core.end_replay("a", batches[:40], decode=decode) and core.apply_replay("a")
+    whole = RouterCore(block_size=BS, running_cost_tokens=0)
+    whole.node_of["a"] = "n1"
+    for seq, events in batches:
+        whole.ingest("a", seq, events)
+    assert view(core, "a", prompts) == view(whole, "a", prompts)
+
+
+def test_the_router_actor_answers_routes_between_the_pieces_of_a_long_replay():
+    """Through the router actor itself, on an event loop of the test's (no Ray cluster): a route sent while an
+    engine's replay is being decoded and applied is answered before the replay ends, and the replay indexes every
+    block."""
+    import asyncio
+    import socket
+
+    from actors.router import RouterActor
+    from kvpool.config import KVPoolConfig
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    actor = RouterActor(KVPoolConfig(block_size=BS, router_port=port), "secret")
+    n_blocks = 4096  # a replay of many pieces (actors.router.REPLAY_PIECE_EVENTS)
+    tokens = list(range(10_000, 10_000 + n_blocks * BS))
+    messages = [encode_message("a", seq, EventBatch(ts=0.0, events=[stored(
+        tokens, first, 16, parent=hash((0, first - 1)) if first else None)]))
+        for seq, first in enumerate(range(0, n_blocks, 16))]
+    hashes = block_hashes(tokens, BS)
+
+    async def replay_and_route():
+        await actor.set_replicas(["a"])
+        actor.core.register("a", "n1")
+        assert actor.core.begin_replay("a")  # what `register` answers the engine: send your replay
+        replaying = asyncio.ensure_future(actor.replayed("a", messages))
+        await asyncio.sleep(0)  # the replay's first piece
+        routed = await asyncio.ensure_future(actor.route("r1", hashes, len(tokens) + 1))
+        assert not replaying.done() and 0 < actor.core.index.num_blocks("a") < n_blocks
+        await replaying
+        return routed
+
+    try:
+        decision = asyncio.run(replay_and_route())
+    finally:
+        actor._ctx.destroy(linger=0)
+    assert decision.replica == "a" and decision.predicted_cached_tokens < n_blocks * BS
+    assert actor.core.index.match(hashes, ["a"]) == {"a": n_blocks} and "a" in actor.core.complete
 
 
 def test_requests_whose_end_is_never_reported_expire_from_the_load():

@@ -8,12 +8,16 @@ agent prompts (a session's next turn: its whole context plus a little new tool o
 - the router's decision from what the ingress passes (routing hashes and pool-key ids as arrays): the prefix lookup
   over every replica, the pool's offers and the cost rule (RouterCore.route; the Ray round trip is not included:
   the live figure is `router_call` in `stages_ms` of /v1/kvpool/stats).
-Events/s counts block events (a BlockStored of n blocks is n). Last, churn (an engine's steady state): each step
-evicts the oldest session's blocks on a replica and stores a new session's there, as events on the wire.
+Events/s counts block events (a BlockStored of n blocks is n). Then churn (an engine's steady state): each step
+evicts the oldest session's blocks on a replica and stores a new session's there, as events on the wire. Last, a
+restarted router taking an engine's replay (the 10,000 batches vLLM's publisher buffers) through the router actor's
+own `replayed`, on an asyncio loop: the longest the loop was blocked, as the longest gap between the ticks of a
+coroutine ticking every millisecond (what a route arriving meanwhile waits for, at most).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -23,6 +27,8 @@ from kvpool.events import BlockRemoved, BlockStored, EventBatch, decode_message,
 from kvpool.hashing import (MEMO_BLOCKS, PoolKeyMemo, block_hashes, pool_key_ids, pool_keys, request_namespace,
                             token_array)
 from kvpool.routing import RouterCore
+
+REPLAY_BATCHES = 10_000  # what vLLM's publisher buffers for a replay (ZmqEventPublisher's buffer_steps)
 
 
 def _percentiles(seconds: list[float], name: str) -> dict:
@@ -85,6 +91,61 @@ def _churn(core: RouterCore, args, indexed_sessions: int, sessions: int, blocks_
             "churn_step_p50_ms": round(float(np.median(steps)) * 1e3, 1) if steps else None,
             "churn_worst_step_ms": round(max(steps) * 1e3, 1) if steps else None,
             "churn_rebuilds": core.blocks.rebuilds - rebuilds}
+
+
+def _replay_stall(args, blocks_per_session: int) -> dict:
+    """A restarted router (nothing indexed) takes one engine's replay of REPLAY_BATCHES batches (one event of
+    --blocks-per-event blocks each, fresh sessions) while a coroutine ticks every millisecond: the longest gap
+    between its ticks, idle and during the replay, and the replay's time from the call to its last piece."""
+    from actors.router import RouterActor
+
+    replica, bs, tick_s = "replica-replayed", args.block_size, 0.001
+    rng, messages, n_blocks, s = np.random.default_rng(3), [], 0, 0
+    while len(messages) < REPLAY_BATCHES:
+        ctx = rng.integers(0, 50_000, size=blocks_per_session * bs, dtype=np.int64)
+        for ev in _session_events(s, ctx, args)[:REPLAY_BATCHES - len(messages)]:
+            messages.append(encode_message(replica, len(messages), EventBatch(ts=0.0, events=[ev])))
+            n_blocks += len(ev.block_hashes)
+        s += 1
+    core = RouterCore(bs, KVPoolConfig().route_running_cost_tokens)
+    core.set_replicas([replica])
+    core.register(replica, "node-0")
+    # The actor's own `replayed` on an actor with only its core: its sockets and metrics take no part in a replay.
+    actor = RouterActor.__new__(RouterActor)
+    actor.core = core
+
+    async def longest_tick_gaps(done) -> tuple[float, float]:
+        """The longest gap between ticks in wall time, and in this thread's CPU time: on a machine shared with
+        other work, the wall gaps also hold the time the process waited for a core, the CPU gaps only the loop's
+        own work."""
+        longest, longest_cpu, last, last_cpu = 0.0, 0.0, time.perf_counter(), time.thread_time()
+        while not done():
+            await asyncio.sleep(tick_s)
+            now, now_cpu = time.perf_counter(), time.thread_time()
+            longest, longest_cpu = max(longest, now - last), max(longest_cpu, now_cpu - last_cpu)
+            last, last_cpu = now, now_cpu
+        return longest, longest_cpu
+
+    async def replay() -> tuple[float, tuple[float, float], float]:
+        idle_until = time.perf_counter() + 0.5
+        idle, _ = await longest_tick_gaps(lambda: time.perf_counter() > idle_until)
+        assert core.begin_replay(replica)  # what `register` does when the engine announces itself
+        replayed = asyncio.Event()
+        ticking = asyncio.ensure_future(longest_tick_gaps(replayed.is_set))
+        await asyncio.sleep(0)  # the ticker starts before the replay does
+        t = time.perf_counter()
+        await actor.replayed(replica, messages)
+        replay_s = time.perf_counter() - t
+        replayed.set()
+        return idle, await ticking, replay_s
+
+    idle, (during, during_cpu), replay_s = asyncio.run(replay())
+    # The block table grows as the replay fills it: each growth is a rebuild of the whole table, in one go.
+    return {"replay_batches": len(messages), "replay_blocks": n_blocks,
+            "replay_indexed_blocks": core.index.num_blocks(replica), "replay_s": round(replay_s, 2),
+            "replay_tick_ms": tick_s * 1e3, "replay_idle_longest_tick_gap_ms": round(idle * 1e3, 1),
+            "replay_longest_tick_gap_ms": round(during * 1e3, 1),
+            "replay_longest_tick_gap_cpu_ms": round(during_cpu * 1e3, 1), "replay_table_rebuilds": core.blocks.rebuilds}
 
 
 def run(args) -> dict:
@@ -159,4 +220,5 @@ def run(args) -> dict:
         "events_per_s": round(n_blocks / ingest_s),
         "event_batches_per_s": round(n_messages / ingest_s),
         **_churn(core, args, indexed_sessions, sessions, blocks_per_session),
+        **_replay_stall(args, blocks_per_session),
     }
