@@ -549,7 +549,10 @@ class RouterCore:
         with_pool = pool_ids is not None and len(pool_ids) > 0
         owners = self.blocks.owners(np.concatenate([hashes, np.asarray(pool_ids, dtype=np.uint64)]) if with_pool
                                     else hashes)
-        cached = {r: min(n * bs, max_cached) for r, n in self.index.runs(owners[:len(hashes)], replicas).items()}
+        # A replica whose replay is being applied counts nothing cached: its view, rebuilt from the oldest buffered
+        # batch on, may still hold blocks that a later batch, not applied yet, removed.
+        cached = {r: 0 if r in self.replaying else min(n * bs, max_cached)
+                  for r, n in self.index.runs(owners[:len(hashes)], replicas).items()}
         offers = self.pool.offers(replicas, self.node_of, owners[len(hashes):], bs, max_cached) if with_pool else None
         d = choose(prompt_tokens, cached, self.book.loads, self.running_cost_tokens, offers, self.pool_load_cost,
                    self.pool_fetch_cost, self.rng)
