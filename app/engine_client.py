@@ -25,7 +25,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from vllm.engine.protocol import EngineClient
-from vllm.exceptions import VLLMClientError
+from vllm.exceptions import RetryableRequestError, VLLMClientError
 
 from actors.engine import GenerateRequest, ReplicaOutput
 from actors.pool import get_or_create_shard
@@ -223,7 +223,7 @@ class RoutedEngineClient(EngineClient):
             rid = request_id if attempt == 0 else f"{request_id}-retry{attempt}"
             gen = GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling_params=sampling_params,
                                   cache_salt=salt, generate_kwargs=kwargs)
-            answered = False
+            answered = finished = False
             try:
                 served_by, outputs = await self._dispatch(gen, dispatch, called_at, attempt)
                 dispatch.replica = served_by
@@ -231,13 +231,19 @@ class RoutedEngineClient(EngineClient):
                     async for out in outputs:
                         if out is not None:
                             out.prompt_token_ids = ids
-                            answered = True
+                            answered, finished = True, out.finished
                             yield out
                 except _REPLICA_LOST as e:
                     # Lost before any of the answer went out (a non-streaming request's only output is its last):
-                    # it can start again elsewhere. Mid-answer, the caller has tokens: it gets the error.
+                    # it can start again elsewhere. Lost after its last output: nothing is missing. Mid-answer,
+                    # the caller has tokens: it gets an error it may retry on (vLLM answers it as a 503), not
+                    # Ray's text, which names hosts and processes.
+                    if finished:
+                        return
                     if answered:
-                        raise
+                        logger.warning("request %s lost its replica mid-answer (%s)", rid, type(e).__name__)
+                        raise RetryableRequestError("the engine replica serving this request was lost mid-answer; "
+                                                    "retry the request") from None
                     raise _ReplicaLost(type(e).__name__) from None
                 if dispatch.stages:  # once per request, its last attempt's (earlier ones: its `retry` stage)
                     self.stage_times.append(dispatch.stages)

@@ -96,6 +96,31 @@ def _anthropic_body(e: APIError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kinds.get(e.status, "api_error"), "message": e.message}}
 
 
+def _anthropic_stream_errors(converter: Callable[[AsyncIterator[str]], AsyncIterator[str]]):
+    """vLLM's converter of the chat stream into Anthropic's events, with an error the chat stream yields mid-answer
+    (a replica lost: vLLM's OpenAI error chunk, then [DONE]) passed on as Anthropic's error event, which ends the
+    stream. vLLM's own converter cannot parse that chunk and emits its parse error (pydantic's text) instead."""
+    from vllm.entrypoints.anthropic.serving import wrap_data_with_event
+
+    async def convert(chat_stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        errors: list[APIError] = []
+
+        async def until_error() -> AsyncIterator[str]:
+            async for item in chat_stream:
+                if item.startswith('data: {"error"'):
+                    error = json.loads(item[5:])["error"]
+                    errors.append(APIError(error.get("code") or 500, error.get("message") or ""))
+                    return
+                yield item
+
+        async for event in converter(until_error()):
+            yield event
+        for e in errors:
+            yield wrap_data_with_event(json.dumps(_anthropic_body(e)), "error")
+
+    return convert
+
+
 def _error_response(request: Request, e: APIError) -> JSONResponse:
     body = _anthropic_body(e) if request.url.path.endswith(("/v1/messages", "/v1/messages/count_tokens")) \
         else _openai_body(e)
@@ -129,10 +154,12 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def _json(raw: bytes) -> Any:
+def _json_object(raw: bytes) -> dict:
+    """A request body -> the JSON object it must be, or a 400 that says why not."""
     try:
-        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through (it decodes "surrogatepass").
-        data = json.loads(raw.decode("utf-8"))
+        # Strict UTF-8 first (a byte-order mark allowed): json.loads(bytes) would let encoded surrogates through
+        # (it decodes "surrogatepass").
+        data = json.loads(raw.decode("utf-8-sig"))
     except RecursionError:
         raise APIError(400, "request body is nested too deeply") from None
     except ValueError as e:  # invalid UTF-8 (UnicodeDecodeError) or JSON
@@ -144,20 +171,15 @@ def _json(raw: bytes) -> Any:
             # A lone surrogate is no text: the tokenizer, the engine and every response that quotes it would fail.
             raise APIError(400, "request body has an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), which "
                            "is not text") from None
-    return data
-
-
-def _json_object(raw: bytes) -> dict:
-    data = _json(raw)
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     return data
 
 
-def _parse(raw: bytes, model_cls: type[BaseModel]) -> Any:
-    """Bytes -> vLLM's request model, or a 400 that says what is wrong. A field the model does not know would be
-    ignored by vLLM: here it is refused by name, so nothing an agent sends is silently dropped."""
-    data = _json_object(raw)
+def _parse(data: dict, model_cls: type[BaseModel]) -> Any:
+    """A request body (_json_object) -> vLLM's request model, or a 400 that says what is wrong. A field the model
+    does not know would be ignored by vLLM: here it is refused by name, so nothing an agent sends is silently
+    dropped."""
     known = {name for name, f in model_cls.model_fields.items()} | \
         {f.alias for f in model_cls.model_fields.values() if f.alias}
     unknown = sorted(set(data) - known)
@@ -225,6 +247,7 @@ def build_serving(cfg: KVPoolConfig, engine: DeploymentHandle, router, app_name:
                   enable_prompt_tokens_details=True, **tools)
     chat = OpenAIServingChat(client, models, "assistant", online_renderer=online, **common)
     messages = AnthropicServingMessages(client, models, "assistant", online_renderer=online, **common)
+    messages.message_stream_converter = _anthropic_stream_errors(messages.message_stream_converter)
     for serving in (chat, messages):  # a chat request without max_tokens: the configured cap, not the context
         serving.default_sampling_params.setdefault("max_tokens", cfg.max_tokens_default)
     return {
@@ -322,7 +345,7 @@ class OpenAIIngress:
 
         received_at = time.time()
         tenant = self._tenant(request)
-        req = _parse(await request.body(), ChatCompletionRequest)
+        req = _parse(_json_object(await request.body()), ChatCompletionRequest)
         return await self._respond(self.serving["chat"].create_chat_completion(req, request), tenant,
                                    stream=bool(req.stream), received_at=received_at)
 
@@ -332,7 +355,7 @@ class OpenAIIngress:
 
         received_at = time.time()
         tenant = self._tenant(request)
-        req = _parse(await request.body(), CompletionRequest)
+        req = _parse(_json_object(await request.body()), CompletionRequest)
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], (str, list)) \
                 and len(req.prompt) != 1:
             raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
@@ -345,18 +368,18 @@ class OpenAIIngress:
 
         received_at = time.time()
         tenant = self._tenant(request)
-        raw = await request.body()
-        req = _parse(raw, AnthropicMessagesRequest)
+        data = _json_object(await request.body())
+        req = _parse(data, AnthropicMessagesRequest)
         return await self._respond(self.serving["messages"].create_messages(req, request), tenant,
                                    stream=bool(req.stream), dump=lambda r: r.model_dump(exclude_none=True),
-                                   retain=_asks_caching(_json(raw)), received_at=received_at)
+                                   retain=_asks_caching(data), received_at=received_at)
 
     @api.post("/v1/messages/count_tokens")
     async def count_tokens(self, request: Request):
         from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest
 
         self._tenant(request)
-        req = _parse(await request.body(), AnthropicCountTokensRequest)
+        req = _parse(_json_object(await request.body()), AnthropicCountTokensRequest)
         return await self._respond(self.serving["messages"].count_tokens(req, request), None, stream=False,
                                    dump=lambda r: r.model_dump(exclude_none=True))
 
@@ -366,8 +389,8 @@ class OpenAIIngress:
         from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
 
         self._tenant(request)
-        raw = await request.body()
-        req = _parse(raw, TokenizeChatRequest if "messages" in _json_object(raw) else TokenizeCompletionRequest)
+        data = _json_object(await request.body())
+        req = _parse(data, TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest)
         return await self._respond(self.serving["tokenize"].create_tokenize(req, request), None, stream=False)
 
     # --- the request path ----------------------------------------------------------------------------------------
@@ -392,6 +415,8 @@ class OpenAIIngress:
                 result = await call
             except ServingError:
                 raise
+            except RecursionError:  # vLLM's code walking a deeply nested field (a tool's schema, say)
+                raise APIError(400, "request is nested too deeply") from None
             except Exception as e:
                 if dispatch.error is not None:
                     raise dispatch.error from e

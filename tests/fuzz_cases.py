@@ -85,11 +85,14 @@ ODD_VALUES = (None, True, False, 0, -1, 1, 2**31, 2**63, -2**63, 10**40, 0.5, -0
               {"regex": "(a*)*b"}, {"json": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}},
               {"grammar": "root ::= root"}, {"do_remote_decode": True, "remote_block_ids": [1, 2]},
               {"{% for": "x"}, "{{ raise_exception('boom') }}", "{% for i in range(10**9) %}x{% endfor %}",
-              [10**9, -1], _nested(40), _nested(400))
+              [10**9, -1])
+NESTED_DEPTHS = (40, 400, 800)  # 800: near what json.loads takes on a server thread; deeper is refused at parse
 
 
 def _odd_value(rng: random.Random):
-    pick = rng.randrange(len(ODD_VALUES) + 3)
+    pick = rng.randrange(len(ODD_VALUES) + 4)
+    if pick == len(ODD_VALUES) + 3:
+        return _nested(rng.choice(NESTED_DEPTHS))  # made anew: too deep for copy.deepcopy
     if pick == len(ODD_VALUES):
         return [rng.randrange(-5, 600) for _ in range(rng.randrange(0, 30))]
     if pick == len(ODD_VALUES) + 1:
@@ -99,16 +102,18 @@ def _odd_value(rng: random.Random):
     return copy.deepcopy(ODD_VALUES[pick])
 
 
-def _paths(value, prefix=()):
-    """Every (container, key) under a body, depth first."""
+def _paths(value, depth: int = 0):
+    """Every (container, key) under a body, depth first, down to 20 levels (a deeply nested value is one spot)."""
+    if depth > 20:
+        return
     if isinstance(value, dict):
         for k, v in value.items():
             yield value, k
-            yield from _paths(v, prefix + (k,))
+            yield from _paths(v, depth + 1)
     elif isinstance(value, list):
         for i, v in enumerate(value):
             yield value, i
-            yield from _paths(v, prefix + (i,))
+            yield from _paths(v, depth + 1)
 
 
 def _mutate(body: dict, rng: random.Random) -> None:

@@ -62,7 +62,7 @@ CANARY = {"model": "tiny", "prompt": "the canary checks that bad requests harm n
 
 
 def _server_errors_in_stream(text: str) -> list:
-    """Error events of the server's own (5xx, or Anthropic's api_error) inside a 200 event stream."""
+    """Error events of the server's own (a 5xx code, or Anthropic's server-side error types) in a 200 stream."""
     found = []
     for line in text.splitlines():
         if not line.startswith("data:") or line.strip() == "data: [DONE]":
@@ -73,7 +73,9 @@ def _server_errors_in_stream(text: str) -> list:
             found.append(line[:200])
             continue
         err = event.get("error") if isinstance(event, dict) else None
-        if isinstance(err, dict) and (err.get("type") == "api_error" or (err.get("code") or 0) >= 500):
+        # OpenAI's error chunk carries a code; Anthropic's error event a type (vLLM's own: internal_error).
+        if isinstance(err, dict) and ((err.get("code") or 0) >= 500
+                                      or err.get("type") in ("api_error", "internal_error", "overloaded_error")):
             found.append(err)
     return found
 
