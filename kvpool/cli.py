@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     replay_args(soak, duration=600)
     deploy_args(soak)
     soak.add_argument("--window", type=float, default=300, help="seconds per stability window")
+    soak.add_argument("--config", default="kvpool", choices=["kvpool", "kvpool-router"],
+                      help="kvpool-router: the same app with the pool off (a control)")
 
     compare = sub.add_parser("compare", help="the same replay against no caching, the peers and KV-Pool")
     replay_args(compare)
