@@ -101,8 +101,11 @@ class PoolShard:
             self._report_seq = -1
         pieces = [(added[i:i + REPORT_IDS], []) for i in range(0, len(added), REPORT_IDS)] + \
             [([], removed[i:i + REPORT_IDS]) for i in range(0, len(removed), REPORT_IDS)]
-        if full and not pieces:
-            pieces = [([], [])]  # an empty pool: the router forgets what it knew of this node
+        if not pieces:
+            # Nothing changed (or, full, an empty pool: the router forgets what it knew of this node). Sent all the
+            # same: a router that restarted knows nothing of this node and refuses it, and so gets a full report,
+            # though the pool stays quiet.
+            pieces = [([], [])]
         try:
             for piece_added, piece_removed in pieces:
                 self._report_seq += 1
