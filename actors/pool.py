@@ -50,6 +50,25 @@ REPORT_IDS = 1 << 16  # 512 KiB of pool-key ids
 FETCH_BYTES = 64 << 20
 
 
+class _Metrics:
+    """The node's pool in Prometheus, through Ray's metrics agent (the Grafana dashboard's KV pool row)."""
+
+    def __init__(self, node_id: str):
+        from ray.util import metrics
+
+        self.tags = {"node": node_id}
+        self.bytes = metrics.Gauge("kvpool_pool_bytes", "Bytes of KV blocks in the node's pool, per tier",
+                                   tag_keys=("node", "tier"))
+        self.blocks = metrics.Gauge("kvpool_pool_blocks", "KV blocks in the node's pool, per tier",
+                                    tag_keys=("node", "tier"))
+        self.moved = metrics.Counter("kvpool_pool_moved_blocks", "Blocks demoted to disk, evicted, or pulled in "
+                                     "from another node's pool", tag_keys=("node", "kind"))
+
+    def count(self, kind: str, n: int) -> None:
+        if n:
+            self.moved.inc(n, tags={**self.tags, "kind": kind})
+
+
 class PoolShard:
     def __init__(self, cfg: KVPoolConfig, app_name: str = "", period_s: float = 0.5):
         """`app_name` empty: a shard on its own (tests), reporting to no router."""
@@ -59,6 +78,7 @@ class PoolShard:
         self.catalog = PoolCatalog(cfg.pool_host_dir_resolved(), cfg.pool_disk_dir_resolved())
         self.period_s = period_s
         self.counts: Counter = Counter()
+        self.metrics = _Metrics(self.node_id)
         self._task: asyncio.Task | None = None
         self._report_seq = 0
 
@@ -68,6 +88,12 @@ class PoolShard:
                                                self.cfg.pool_session_ttl_s)
         self.counts["demoted"] += demoted
         self.counts["evicted"] += evicted
+        self.metrics.count("demoted", demoted)
+        self.metrics.count("evicted", evicted)
+        with self.catalog.lock:
+            for tier, queue in self.catalog.tiers.items():
+                self.metrics.bytes.set(queue.bytes, tags={**self.metrics.tags, "tier": tier})
+                self.metrics.blocks.set(len(queue), tags={**self.metrics.tags, "tier": tier})
 
     def describe(self) -> dict:
         """The pool's size and counters (live_session_blocks looks at every block: on demand only)."""
@@ -180,4 +206,5 @@ class PoolShard:
             if written < len(blocks) or not blocks:
                 break
         self.counts["pulled_blocks"] += got
+        self.metrics.count("pulled", got)
         return got
