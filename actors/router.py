@@ -172,6 +172,8 @@ class RouterActor:
                     logger.warning("node %s left: its pool leaves the view", node)
                 for rid in self.core.book.expire(self.cfg.router_inflight_ttl_s):
                     logger.warning("request %s never reported its end: no longer counted as load", rid)
+                for replica in self.core.live:  # (a gauge Ray drops when it is not set for a while)
+                    self.metrics.blocks.set(self.core.index.num_blocks(replica), tags={"replica": replica})
                 for replica in self.core.expire_replays(60.0):
                     logger.warning("replica %s's replay was given up: never sent, or left half applied", replica)
                     await self._apply_replay(replica)
