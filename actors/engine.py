@@ -48,7 +48,7 @@ class ReplicaOutput:
 
 
 def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | None = None,
-                replay_endpoint: str | None = None):
+                replay_endpoint: str | None = None, app_name: str = ""):
     from vllm import AsyncEngineArgs
     from vllm.config import KVEventsConfig
 
@@ -72,7 +72,7 @@ def engine_args(cfg: KVPoolConfig, model_path: str, kv_events_endpoint: str | No
     if cfg.pool_enabled:
         from kvpool.connector import kv_transfer_config
 
-        kwargs["kv_transfer_config"] = kv_transfer_config(cfg.pool_host_dir_resolved(), cfg.pool_disk_dir_resolved())
+        kwargs["kv_transfer_config"] = kv_transfer_config(*cfg.pool_dirs(app_name))
         # A step must know whether the previous one's pool loads worked before it is planned (kvpool/connector.py).
         kwargs["async_scheduling"] = False
     if kv_events_endpoint:
@@ -262,7 +262,7 @@ class EngineReplica:
         if cfg.prefix_routing:
             socket_base = f"ipc://{tempfile.gettempdir()}/kvpool-events-{self.replica_id}"
             publisher, self.replay_endpoint = socket_base + ".pub", socket_base + ".replay"
-        args = engine_args(cfg, model_path, publisher, replay_endpoint=self.replay_endpoint)
+        args = engine_args(cfg, model_path, publisher, replay_endpoint=self.replay_endpoint, app_name=self.app_name)
         # vLLM's engine metrics (vllm:*, preemptions and queue times included) through Ray's metrics port, and the
         # per-request stats the first output's timing is read from.
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[RayPrometheusStatLogger])

@@ -1,4 +1,4 @@
-"""The pool shards: one actor per node and application, owning that node's part of the shared KV pool.
+"""The pool shards: one actor per node and application, owning that app's part of the node's shared KV pool.
 
 The ingress keeps one on every live node (it owns them: they end with the app, and a node that joins gets one).
 
@@ -11,6 +11,9 @@ saves never passes through an actor). The shard owns the rest:
 - brokering: `pull` copies blocks another node holds into this node's pool, shard to shard through Ray's object
   store, before a request that needs them runs here.
 Killing or restarting a shard loses nothing: the blocks are files, and a new shard picks them up.
+
+Each app's blocks are in a namespace of its own (KVPoolConfig.pool_dirs), never another app's cache hits; the
+budgets are the node's: one of its shards keeps every app's blocks within them (kvpool.pool_catalog.NodeKeeping).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvpool.config import KVPoolConfig
-from kvpool.pool_catalog import PoolCatalog, report_ids
+from kvpool.pool_catalog import NodeKeeping, PoolCatalog, report_ids
+from kvpool.pool_store import pool_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,10 @@ class PoolShard:
         self.cfg = cfg
         self.app_name = app_name
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.catalog = PoolCatalog(cfg.pool_host_dir_resolved(), cfg.pool_disk_dir_resolved())
+        self.catalog = PoolCatalog(*cfg.pool_dirs(app_name))  # this app's blocks: reports, reads, pulls
+        roots = cfg.pool_host_dir_resolved(), cfg.pool_disk_dir_resolved()
+        self.keeping = NodeKeeping(*roots, pool_namespace(app_name), cfg.pool_host_bytes, cfg.pool_disk_bytes)
+        self.node_catalog: PoolCatalog | None = None  # every app's blocks, while this shard keeps the node's pool
         self.period_s = period_s
         self.counts: Counter = Counter()
         self.metrics = _Metrics(self.node_id)
@@ -83,26 +90,33 @@ class PoolShard:
         self._report_seq = 0
 
     def _pass(self) -> None:
-        """One pass of upkeep: catch up with the directories, then demote and evict to the budgets."""
-        demoted, evicted = self.catalog.upkeep(self.cfg.pool_host_bytes, self.cfg.pool_disk_bytes,
-                                               self.cfg.pool_session_ttl_s)
-        self.counts["demoted"] += demoted
-        self.counts["evicted"] += evicted
-        self.metrics.count("demoted", demoted)
-        self.metrics.count("evicted", evicted)
+        """One pass: catch up with the app's directories; if this shard keeps the node's pool (or no live one
+        does), demote and evict every app's blocks to the node's budgets."""
+        if self.node_catalog is None and self.keeping.keep():
+            self.node_catalog = PoolCatalog(*self.keeping.roots.values(), namespaced=True)
+            self.node_catalog.start_following()
+        if self.node_catalog is not None:
+            demoted, evicted = self.node_catalog.upkeep(*self.keeping.budgets(), self.cfg.pool_session_ttl_s)
+            self.counts["demoted"] += demoted
+            self.counts["evicted"] += evicted
+            self.metrics.count("demoted", demoted)
+            self.metrics.count("evicted", evicted)
+        self.catalog.refresh()  # (after the upkeep: what it moved, the app's catalog has heard of by now)
         with self.catalog.lock:
             for tier, queue in self.catalog.tiers.items():
                 self.metrics.bytes.set(queue.bytes, tags={**self.metrics.tags, "tier": tier})
                 self.metrics.blocks.set(len(queue), tags={**self.metrics.tags, "tier": tier})
 
     def describe(self) -> dict:
-        """The pool's size and counters (live_session_blocks looks at every block: on demand only)."""
+        """The app's part of the node's pool, the node's budgets, and the counters of the node's upkeep where this
+        shard keeps it (live_session_blocks looks at every block: on demand only)."""
+        host_budget, disk_budget = self.keeping.budgets()
         with self.catalog.lock:
             tiers = self.catalog.tiers
             return {
-                "time": time.time(), "node": self.node_id,
-                "host_bytes": tiers["host"].bytes, "host_budget_bytes": self.cfg.pool_host_bytes,
-                "disk_bytes": tiers["disk"].bytes, "disk_budget_bytes": self.cfg.pool_disk_bytes,
+                "time": time.time(), "node": self.node_id, "keeps_node": self.node_catalog is not None,
+                "host_bytes": tiers["host"].bytes, "host_budget_bytes": host_budget,
+                "disk_bytes": tiers["disk"].bytes, "disk_budget_bytes": disk_budget,
                 "blocks": {t: len(q) for t, q in tiers.items()},
                 "live_session_blocks": self.catalog.live_session_blocks(self.cfg.pool_session_ttl_s),
                 "layouts": len(self.catalog.stores), "rescans": self.catalog.rescans, **self.counts,

@@ -84,8 +84,11 @@ class KVPoolConfig(BaseModel):
 
     # --- shared KV pool ----------------------------------------------------------------------------------------
     pool_enabled: bool = Field(True, description="Save computed KV blocks to the shared pool and load from it.")
-    pool_host_bytes: int = Field(2 * GiB, ge=0, description="Host-memory tier budget (a tmpfs), bytes per node.")
-    pool_disk_bytes: int = Field(8 * GiB, ge=0, description="Disk tier budget, bytes per node.")
+    pool_host_bytes: int = Field(2 * GiB, ge=0, description="Host-memory tier budget (a tmpfs), bytes per node. "
+                                 "Apps on one node that share pool_host_dir keep their blocks apart (a namespace "
+                                 "each) within one budget: the smallest any of them sets.")
+    pool_disk_bytes: int = Field(8 * GiB, ge=0, description="Disk tier budget, bytes per node (shared as "
+                                 "pool_host_bytes is).")
     pool_host_dir: str = Field("", description="Host tier directory ($VARS expanded on each node). Empty: "
                                "/dev/shm/kvpool (tmpfs). Faster: a tmpfs mounted with huge=within_size (README).")
     pool_disk_dir: str = Field("", description="Disk tier directory ($VARS expanded on each node). Empty: "
@@ -178,6 +181,13 @@ class KVPoolConfig(BaseModel):
         from kvpool.model import cache_dir
 
         return str(cache_dir() / "pool")
+
+    def pool_dirs(self, app_name: str) -> tuple[str, str]:
+        """The app's namespace in the host and disk tiers: where its engines read and write blocks."""
+        from kvpool.pool_store import pool_namespace
+
+        ns = pool_namespace(app_name)
+        return f"{self.pool_host_dir_resolved()}/{ns}", f"{self.pool_disk_dir_resolved()}/{ns}"
 
     def resolved_dtype(self) -> str:
         if self.dtype == "auto" and self.resolved_device() == "cpu":

@@ -14,9 +14,12 @@ and every RESYNC_S regardless.
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import json
 import logging
 import os
 import select
+import shutil
 import struct
 import threading
 import time
@@ -27,7 +30,7 @@ from typing import Iterable
 import numpy as np
 
 from kvpool.hashing import pool_key_ids
-from kvpool.pool_store import SUFFIX, BlockFile, EvictionQueue, PoolStore
+from kvpool.pool_store import NAMESPACE_PREFIX, SUFFIX, UNNAMESPACED_LAYOUT, BlockFile, EvictionQueue, PoolStore
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +97,17 @@ def _block_id(f: BlockFile) -> BlockId:
 
 
 class PoolCatalog:
-    """Every block file of one node's pool, both tiers, every layout, with each tier's eviction order. Safe to use
-    from several threads (one lock): a follower thread (start_following) keeps it current while the shard's loop
-    trims it and reports it. Every change to a block file is an event that the catalog answers by looking at that
-    file again, so whatever it did or missed meanwhile, it ends up with what is on disk."""
+    """Every block file of one app's part of a node's pool (or, `namespaced`, of every app's), both tiers, every
+    layout, with each tier's eviction order. Safe to use from several threads (one lock): a follower thread
+    (start_following) keeps it current while the shard's loop trims it and reports it. Every change to a block file
+    is an event that the catalog answers by looking at that file again, so whatever it did or missed meanwhile, it
+    ends up with what is on disk."""
 
-    def __init__(self, host_root: str | os.PathLike, disk_root: str | os.PathLike):
+    def __init__(self, host_root: str | os.PathLike, disk_root: str | os.PathLike, namespaced: bool = False):
+        """`namespaced`: the roots hold apps' namespaces (pool_store.pool_namespace), each holding layouts, and the
+        catalog takes them all, a layout known as "<namespace>/<layout>"; else the roots hold layouts."""
         self.roots = {"host": Path(host_root), "disk": Path(disk_root)}
+        self._depth = 2 if namespaced else 1  # how deep in a root the directories of blocks are
         self._root_dirs = {r.resolve() for r in self.roots.values()}  # (the host tier may live inside the disk's)
         self.tiers = {t: EvictionQueue() for t in TIERS}
         self.stores: dict[str, PoolStore] = {}  # layout -> its store (demotion, reads)
@@ -110,7 +117,7 @@ class PoolCatalog:
         self.lock = threading.RLock()
         self._inotify: Inotify | None = None
         self._polling = False  # no notifications to be had: every refresh rescans
-        self._watches: dict[int, tuple[str, str | None]] = {}  # wd -> (tier, layout; None for the tier's root)
+        self._watches: dict[int, tuple[str, str]] = {}  # wd -> (tier, its directory relative to the tier's root)
         self._synced_at = float("-inf")
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
@@ -155,9 +162,13 @@ class PoolCatalog:
             where = self._watches.get(wd)
             if where is None:
                 continue
-            if where[1] is None:  # a tier's root: a new layout's directory
+            tier, rel = where
+            if self._level(rel) < self._depth:  # a tier's root or a namespace: a new directory in it
                 if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-                    self._follow_layout(where[0], os.fsdecode(name))
+                    name = os.fsdecode(name)
+                    if self._followed(tier, rel, name):
+                        for f in self._list(tier, f"{rel}/{name}" if rel else name):
+                            self._put(f)
             elif name.endswith(_SUFFIX):
                 last[wd, name] = mask
                 if mask & IN_MOVED_TO:
@@ -191,11 +202,7 @@ class PoolCatalog:
         files: list[BlockFile] = []
         for tier, root in self.roots.items():
             root.mkdir(parents=True, exist_ok=True)
-            self._watch(root, tier, None)
-            for d in sorted(root.iterdir()):
-                if d.is_dir() and d.resolve() not in self._root_dirs:
-                    if self._watch(d, tier, d.name):
-                        files += self.store(d.name).scan(tier)
+            files += self._list(tier, "")
         tiers = {t: EvictionQueue.of([f for f in files if f.tier == t], _block_id) for t in TIERS}
         was = self.tiers["host"].blocks.keys() | self.tiers["disk"].blocks.keys()
         self.tiers = tiers
@@ -209,12 +216,39 @@ class PoolCatalog:
             self._inotify.close()
         self._inotify, self._polling = None, True
 
-    def _watch(self, d: Path, tier: str, layout: str | None) -> bool:
-        """Watch a tier's root (layout None) or one of its layouts' directories; False if it is gone."""
+    def _level(self, rel: str) -> int:
+        return rel.count("/") + 1 if rel else 0
+
+    def _followed(self, tier: str, rel: str, name: str) -> bool:
+        """Whether the directory `name` in `rel` is the catalog's: a layout, or (namespaced, in a root) an app's
+        namespace; not the host tier where it lives inside the disk tier's root, nor anything else there."""
+        if name.startswith(".") or (self.roots[tier] / rel / name).resolve() in self._root_dirs:
+            return False
+        return not (self._depth == 2 and rel == "") or name.startswith(NAMESPACE_PREFIX)
+
+    def _list(self, tier: str, rel: str) -> list[BlockFile]:
+        """Watch a directory of a tier (before listing it, so nothing written meanwhile is missed), then list the
+        blocks in it, or in the directories in it."""
+        d = self.roots[tier] / rel
+        if not self._watch(d, tier, rel):
+            return []
+        if self._level(rel) == self._depth:
+            return self.store(rel).scan(tier)
+        try:
+            names = sorted(c.name for c in d.iterdir() if c.is_dir())
+        except FileNotFoundError:
+            return []
+        return [f for name in names if self._followed(tier, rel, name)
+                for f in self._list(tier, f"{rel}/{name}" if rel else name)]
+
+    def _watch(self, d: Path, tier: str, rel: str) -> bool:
+        """Watch a directory of a tier: for new directories in it, or (a layout's) for its blocks; False if it is
+        gone."""
         if self._inotify is None:
             return d.is_dir()
         try:
-            self._watches[self._inotify.watch(d, LAYOUT_EVENTS if layout else ROOT_EVENTS)] = (tier, layout)
+            mask = LAYOUT_EVENTS if self._level(rel) == self._depth else ROOT_EVENTS
+            self._watches[self._inotify.watch(d, mask)] = (tier, rel)
         except FileNotFoundError:
             return False
         except OSError as e:  # no watch left (fs.inotify.max_user_watches), ...: fall back to rescanning
@@ -226,14 +260,6 @@ class PoolCatalog:
         if layout not in self.stores:
             self.stores[layout] = PoolStore(self.roots["host"], self.roots["disk"], layout)
         return self.stores[layout]
-
-    def _follow_layout(self, tier: str, layout: str) -> None:
-        """A layout's directory appeared in a tier: watch it, then add what it holds already."""
-        if (self.roots[tier] / layout).resolve() in self._root_dirs:
-            return
-        if self._watch(self.roots[tier] / layout, tier, layout):
-            for f in self.store(layout).scan(tier):
-                self._put(f)
 
     def _look(self, tier: str, block: BlockId) -> None:
         """Look at one block file again: it is there (with its times) or it is gone."""
@@ -328,6 +354,88 @@ class PoolCatalog:
             if self._inotify is not None:
                 self._inotify.close()
                 self._inotify = None
+
+
+class NodeKeeping:
+    """Which shard keeps a node's pool, and within what budget. Every app on a node has a shard and a namespace in
+    the same tier roots; if each evicted its own namespace against a budget of its own, a node would hold the sum
+    of its apps' budgets and the apps would not share its memory by use. So one shard, whichever holds the host
+    root's lock file, keeps every namespace (a namespaced PoolCatalog: one eviction order over all apps' blocks)
+    within one budget: per tier, the smallest that a live app declared. Each shard declares its budgets in a file it
+    holds a shared lock on while it lives. The locks are flock()s: the kernel drops them when a shard's process
+    ends, and the next pass of another shard on the node takes over."""
+
+    def __init__(self, host_root: str | os.PathLike, disk_root: str | os.PathLike, namespace: str,
+                 host_budget: int, disk_budget: int):
+        self.roots = {"host": Path(host_root), "disk": Path(disk_root)}
+        self.namespace = namespace
+        self.own_budgets = host_budget, disk_budget
+        self._apps = self.roots["host"] / ".apps"
+        self._apps.mkdir(parents=True, exist_ok=True)
+        self._declared = os.open(self._apps / f"{namespace}.json", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._declared, fcntl.LOCK_SH)
+        os.ftruncate(self._declared, 0)
+        os.pwrite(self._declared, json.dumps({"host_bytes": host_budget, "disk_bytes": disk_budget}).encode(), 0)
+        self._lock: int | None = None
+        self._fds = [self._declared]  # closed, and so the locks let go, by close() or when the object goes
+        self.close = weakref.finalize(self, _close_all, self._fds)
+
+    def keep(self) -> bool:
+        """Whether this shard keeps the node's pool: it does if no live shard did. Taking over, it first moves
+        into its namespace the layouts written before namespaces (directly in a tier root)."""
+        if self._lock is None:
+            fd = os.open(self.roots["host"] / ".keeper.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._lock = fd
+            self._fds.append(fd)
+            self._adopt_unnamespaced()
+        return True
+
+    def _adopt_unnamespaced(self) -> None:
+        for root in self.roots.values():
+            for d in root.iterdir():
+                if not (d.is_dir() and UNNAMESPACED_LAYOUT.fullmatch(d.name)):
+                    continue
+                to = root / self.namespace / d.name
+                if to.exists():  # this app wrote the layout anew since: the older blocks go
+                    shutil.rmtree(d, ignore_errors=True)
+                    logger.info("pool layout %s, written before namespaces, deleted (%s has it)", d, to)
+                else:
+                    to.parent.mkdir(exist_ok=True)
+                    os.rename(d, to)
+                    logger.info("pool layout %s, written before namespaces, moved to %s", d, to)
+
+    def budgets(self) -> tuple[int, int]:
+        """The node's budgets (host, disk): per tier, the smallest a live app declared."""
+        host, disk = [self.own_budgets[0]], [self.own_budgets[1]]
+        for path in self._apps.glob("*.json"):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                continue  # no shard holds it: its app is gone from the node
+            except BlockingIOError:
+                try:
+                    declared = json.loads(os.pread(fd, 4096, 0))
+                    host.append(int(declared["host_bytes"]))
+                    disk.append(int(declared["disk_bytes"]))
+                except (ValueError, KeyError, TypeError):
+                    pass  # being written
+            finally:
+                os.close(fd)
+        return min(host), min(disk)
+
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
 
 
 def report_ids(blocks: Iterable[BlockId]) -> dict[str, np.ndarray]:

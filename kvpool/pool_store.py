@@ -25,7 +25,9 @@ import heapq
 import itertools
 import logging
 import os
+import re
 import time
+import urllib.parse
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -287,6 +289,18 @@ def eviction_order(files: Sequence[BlockFile], now: float, session_ttl_s: float,
 def to_move_out(files: Sequence[BlockFile], budget: int, now: float, session_ttl_s: float) -> list[BlockFile]:
     """The blocks of one tier that must leave it (in eviction order) for it to fit `budget` bytes."""
     return EvictionQueue.of(files).shed(budget, now, session_ttl_s)
+
+
+# Each app keeps its blocks in a namespace of its own in each tier, <tier root>/app-<name>/<layout>/, so that one app's
+# blocks are never another's cache hits; the shards of a node keep all namespaces within one budget (pool_catalog).
+NAMESPACE_PREFIX = "app-"
+# A layout directory directly in a tier root was written before namespaces (the form of connector.layout_name).
+UNNAMESPACED_LAYOUT = re.compile(r"[0-9a-f]{16}-rank[0-9]+")
+
+
+def pool_namespace(app_name: str) -> str:
+    """The directory of an app's blocks in each tier root."""
+    return NAMESPACE_PREFIX + urllib.parse.quote(app_name or "default", safe="")
 
 
 class PoolStore:

@@ -210,9 +210,9 @@ def _pooled(cfg) -> dict[str, bool]:
 
     from kvpool.pool_store import PoolStore
 
-    layouts = {p.name for root in (cfg.pool_host_dir, cfg.pool_disk_dir) for p in Path(root).iterdir() if p.is_dir()}
-    return {f.key: f.reused for layout in layouts
-            for f in PoolStore(cfg.pool_host_dir, cfg.pool_disk_dir, layout).scan()}
+    dirs = cfg.pool_dirs("tiny")
+    layouts = {p.name for root in dirs if Path(root).is_dir() for p in Path(root).iterdir() if p.is_dir()}
+    return {f.key: f.reused for layout in layouts for f in PoolStore(*dirs, layout).scan()}
 
 
 def test_cache_control_keeps_the_prompt_pooled_as_a_live_session(tiny_app, claude):

@@ -41,7 +41,7 @@ def test_prefix_computed_on_one_node_is_loaded_on_the_other(tiny_model_dir, tmp_
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= out["n_blocks"] * 32, out
     assert second["text"] == first["text"]
     # Each node's pool lives in its own directories.
-    assert list((tmp_path / "n1").glob("host/*/*.arrow")) and list((tmp_path / "n2").glob("host/*/*.arrow"))
+    assert all(list((tmp_path / node).glob("host/app-*/*/*.arrow")) for node in ("n1", "n2"))
 
 
 def test_the_routers_node_dies_and_routing_is_exact_again_on_the_head(tiny_model_dir, tmp_path):

@@ -6,6 +6,7 @@ which move if even one loaded KV value is wrong.
 """
 
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def test_pool_shard_restart_and_disk_tier(tiny_model_dir, pool_dirs, reference, 
     pool = ray.remote(PoolShard).options(max_restarts=-1, num_cpus=0).remote(cfg, "", 0.1)
     ray.get(pool.start.remote())
     prompt = tokens(3, 700)
+    pool_dirs = cfg.pool_dirs("")  # the namespace of the shard's app
     a = engine(tiny_model_dir, pool_dirs)
     generate(a, prompt)
     close(a)
@@ -144,7 +146,7 @@ def test_pool_stays_within_budget(tiny_model_dir, pool_dirs, ray_cluster):
     cfg = KVPoolConfig(pool_host_dir=host, pool_disk_dir=disk, pool_host_bytes=20 * block_bytes,
                        pool_disk_bytes=40 * block_bytes)
     keeper = PoolShard(cfg)
-    a = engine(tiny_model_dir, pool_dirs)
+    a = engine(tiny_model_dir, cfg.pool_dirs(""))
     for i in range(8):  # 8 distinct prompts x 15 blocks = 120 blocks, twice the whole budget
         generate(a, tokens(100 + i, 500))
         time.sleep(0.2)
@@ -168,6 +170,7 @@ def test_live_sessions_outlast_one_off_prompts(tiny_model_dir, pool_dirs, ray_cl
                        pool_disk_bytes=0)
     keeper = PoolShard(cfg)
     session = tokens(200, 500)  # 15 blocks
+    host, disk = pool_dirs = cfg.pool_dirs("")
     a = engine(tiny_model_dir, pool_dirs)
     generate(a, session)
     wait_saved(pool_dirs, 15)
@@ -480,3 +483,113 @@ def test_a_host_tier_inside_the_disk_tier_is_followed_as_a_tier(tmp_path):
     assert _catalogued(catalog) == _listing(host, disk) and list(catalog.stores) == ["layout"]
     assert catalog.rescans == 1
     catalog.close()
+
+
+def test_apps_on_one_node_keep_their_blocks_apart_within_one_budget(tmp_path):
+    """Two apps share a node's pool roots: each app's catalog holds and reports its own blocks only; one shard keeps
+    both namespaces within the smallest budget either declared, in one eviction order (the idle app's blocks leave
+    before the busy one's), following a namespace that appears later; when it ends the other takes over, and the
+    app gone no longer sets the budget."""
+    from kvpool.pool_catalog import NodeKeeping, PoolCatalog
+    from kvpool.pool_store import pool_namespace
+
+    host, disk = tmp_path / "host", tmp_path / "disk"
+    dirs = {app: (host / pool_namespace(app), disk / pool_namespace(app)) for app in ("a", "b", "c")}
+    stores = {app: PoolStore(*d, "0123456789abcdef-rank0") for app, d in dirs.items()}
+    keys = {app: [f"{app}{i:031x}" for i in range(12)] for app in dirs}
+    for key in keys["a"]:  # app a's session went idle a while ago; b's is busy
+        assert stores["a"].put(key, b"a" * 1024)
+        os.utime(stores["a"].find(key), (0, time.time() - 100))
+    for key in keys["b"]:
+        assert stores["b"].put(key, b"b" * 1024)
+    size = Path(stores["a"].find(keys["a"][0])).stat().st_size
+    apps = {app: PoolCatalog(*dirs[app]) for app in ("a", "b")}
+    for app, catalog in apps.items():
+        catalog.refresh()
+        full, present, gone = catalog.take_report()
+        assert full and sorted(present) == [("0123456789abcdef-rank0", k) for k in keys[app]] and gone == []
+
+    keeping_a = NodeKeeping(host, disk, pool_namespace("a"), 16 * size, 0)
+    keeping_b = NodeKeeping(host, disk, pool_namespace("b"), 40 * size, 0)
+    assert keeping_a.keep() and not keeping_b.keep()
+    assert keeping_a.budgets() == keeping_b.budgets() == (16 * size, 0)
+    node = PoolCatalog(host, disk, namespaced=True)
+    node.refresh()
+    assert len(node.tiers["host"]) == 24
+    assert node.upkeep(*keeping_a.budgets(), session_ttl_s=600) == (0, 8)
+    for catalog in apps.values():
+        catalog.refresh()
+    full, present, gone = apps["a"].take_report()
+    assert not full and present == [] and sorted(gone) == [("0123456789abcdef-rank0", k) for k in keys["a"][:8]]
+    assert apps["b"].take_report() == (False, [], []) and len(apps["b"].tiers["host"]) == 12
+
+    for key in keys["c"]:  # a third app, after the keeper's listing: followed, and kept within the same budget
+        assert stores["c"].put(key, b"c" * 1024)
+    assert node.upkeep(*keeping_a.budgets(), session_ttl_s=600) == (0, 12)
+    assert node.tiers["host"].bytes <= 16 * size and node.rescans == 1
+
+    keeping_a.close()
+    assert keeping_b.keep() and keeping_b.budgets() == (40 * size, 0)
+    for catalog in (node, *apps.values()):
+        catalog.close()
+    keeping_b.close()
+
+
+def test_blocks_written_before_namespaces_move_into_the_keepers(tmp_path):
+    """A pool persisted before apps had namespaces (layouts directly in the tier roots) is not left unkept: the
+    first shard to keep the node moves it into its own namespace, where its engines find it."""
+    from kvpool.pool_catalog import NodeKeeping, PoolCatalog
+    from kvpool.pool_store import pool_namespace
+
+    host, disk = tmp_path / "host", tmp_path / "disk"
+    old = PoolStore(host, disk, "0123456789abcdef-rank0")
+    assert old.put("ab" * 16, b"x" * 1024)
+    keeping = NodeKeeping(host, disk, pool_namespace("default"), 1 << 20, 1 << 20)
+    assert keeping.keep()
+    ns = pool_namespace("default")
+    assert not (host / "0123456789abcdef-rank0").exists()
+    assert PoolStore(host / ns, disk / ns, "0123456789abcdef-rank0").leading_hits(["ab" * 16]) == 1
+    node = PoolCatalog(host, disk, namespaced=True)
+    node.refresh()
+    assert list(node.tiers["host"].blocks) == [(f"{ns}/0123456789abcdef-rank0", "ab" * 16)]
+    node.close()
+    keeping.close()
+
+
+def test_a_nodes_apps_keep_one_budget_when_the_keeping_shard_dies(pool_dirs, ray_cluster):
+    """The shards of two apps on one node (Ray actors): the first keeps both apps' blocks within the smaller budget;
+    killed, the other takes over within a few passes, and keeps its own budget, the dead app's no longer counting."""
+    from actors.pool import PoolShard
+
+    host, disk = pool_dirs
+    cfgs = {app: KVPoolConfig(pool_host_dir=host, pool_disk_dir=disk, pool_host_bytes=n << 20, pool_disk_bytes=0)
+            for app, n in (("a", 10), ("b", 30))}
+    stores = {app: PoolStore(*cfg.pool_dirs(app), "0123456789abcdef-rank0") for app, cfg in cfgs.items()}
+    shards = {}
+    for app in ("a", "b"):  # one after the other: a keeps the node
+        shards[app] = ray.remote(PoolShard).options(num_cpus=0, max_restarts=0).remote(cfgs[app], app, 0.1)
+        ray.get(shards[app].start.remote())
+    block = b"k" * ((1 << 20) - 4096)  # with its frame, under 1 MiB: 10 fit a's budget
+
+    def until(condition, what: str, timeout: float = 30) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            st = {app: ray.get(s.stats.remote()) for app, s in shards.items()}
+            if condition(st):
+                return st
+            assert time.time() < deadline, (what, st)
+            time.sleep(0.1)
+
+    for i in range(20):
+        for app, store in stores.items():
+            assert store.put(f"{app}{i:031x}", block)
+    st = until(lambda st: sum(s["host_bytes"] for s in st.values()) <= 10 << 20, "both apps within a's budget")
+    assert st["a"]["keeps_node"] and not st["b"]["keeps_node"] and st["b"]["host_budget_bytes"] == 10 << 20
+    assert st["a"]["blocks"]["host"] + st["b"]["blocks"]["host"] == 10
+
+    ray.kill(shards.pop("a"), no_restart=True)
+    until(lambda st: st["b"]["keeps_node"] and st["b"]["host_budget_bytes"] == 30 << 20, "b keeps the node")
+    for i in range(20, 60):
+        assert stores["b"].put(f"b{i:031x}", block)
+    until(lambda st: st["b"]["blocks"]["host"] == 30, "b's blocks trimmed to its own budget")
+    ray.kill(shards["b"], no_restart=True)

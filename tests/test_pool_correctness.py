@@ -271,7 +271,7 @@ def test_full_tiers_keep_serving_and_leave_no_temporary_files(tiny_model_dir, sm
     cfg = KVPoolConfig(pool_host_dir=host, pool_disk_dir=disk, pool_host_bytes=4 * block_bytes,
                        pool_disk_bytes=64 * block_bytes)
     shard = PoolShard(cfg)
-    llm = engine(tiny_model_dir, small_tiers)
+    llm = engine(tiny_model_dir, cfg.pool_dirs(""))  # the namespace of the shard's app
     for i in range(6):  # 6 prompts x 9 blocks, several times what both tiers hold
         prompt = tokens(400 + i, 300)
         got = generate(llm, [prompt])
