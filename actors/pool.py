@@ -88,6 +88,7 @@ class PoolShard:
         self.metrics = _Metrics(self.node_id)
         self._task: asyncio.Task | None = None
         self._report_seq = 0
+        self._router = None  # the app's router actor, looked up again after it fails
 
     def _pass(self) -> None:
         """One pass: catch up with the app's directories; if this shard keeps the node's pool (or no live one
@@ -132,10 +133,13 @@ class PoolShard:
         either side: the router answers False to a report it cannot apply), in pieces of REPORT_IDS blocks."""
         from actors.router import router_name
 
-        try:
-            router = ray.get_actor(router_name(self.app_name), namespace=NAMESPACE)
-        except ValueError:
-            return  # no router (yet, or prefix routing off)
+        if self._router is None:
+            try:  # (a blocking call: off the event loop)
+                self._router = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: ray.get_actor(router_name(self.app_name), namespace=NAMESPACE))
+            except ValueError:
+                return  # no router (yet, or prefix routing off)
+        router = self._router
         full, added, removed = self.catalog.take_report()
         if full:
             self._report_seq = -1
@@ -155,6 +159,7 @@ class PoolShard:
                     return
         except ray.exceptions.RayError:  # the router gone: what was taken is resent whole, to the next one
             self.catalog.full_report = True
+            self._router = None
         except BaseException:  # a bad block name, a cancelled pass: the same, and the cause is logged
             self.catalog.full_report = True
             raise
