@@ -85,8 +85,9 @@ class KVPoolConfig(BaseModel):
     # --- shared KV pool ----------------------------------------------------------------------------------------
     pool_enabled: bool = Field(True, description="Save computed KV blocks to the shared pool and load from it.")
     pool_host_bytes: int = Field(2 * GiB, ge=0, description="Host-memory tier budget (a tmpfs), bytes per node. "
-                                 "Apps on one node that share pool_host_dir keep their blocks apart (a namespace "
-                                 "each) within one budget: the smallest any of them sets.")
+                                 "Apps on one node that share pool_host_dir (and must then share pool_disk_dir) "
+                                 "keep their blocks apart, a namespace each, within one budget: the smallest any of "
+                                 "them sets.")
     pool_disk_bytes: int = Field(8 * GiB, ge=0, description="Disk tier budget, bytes per node (shared as "
                                  "pool_host_bytes is).")
     pool_host_dir: str = Field("", description="Host tier directory ($VARS expanded on each node). Empty: "

@@ -370,12 +370,16 @@ class NodeKeeping:
         self.roots = {"host": Path(host_root), "disk": Path(disk_root)}
         self.namespace = namespace
         self.own_budgets = host_budget, disk_budget
+        for root in self.roots.values():
+            root.mkdir(parents=True, exist_ok=True)
         self._apps = self.roots["host"] / ".apps"
-        self._apps.mkdir(parents=True, exist_ok=True)
+        self._apps.mkdir(exist_ok=True)
         self._declared = os.open(self._apps / f"{namespace}.json", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._declared, fcntl.LOCK_SH)
         os.ftruncate(self._declared, 0)
-        os.pwrite(self._declared, json.dumps({"host_bytes": host_budget, "disk_bytes": disk_budget}).encode(), 0)
+        os.pwrite(self._declared, json.dumps({"host_bytes": host_budget, "disk_bytes": disk_budget,
+                                              "disk_dir": str(self.roots["disk"].resolve())}).encode(), 0)
+        self._warned: set[str] = set()
         self._lock: int | None = None
         self._fds = [self._declared]  # closed, and so the locks let go, by close() or when the object goes
         self.close = weakref.finalize(self, _close_all, self._fds)
@@ -409,6 +413,14 @@ class NodeKeeping:
                     os.rename(d, to)
                     logger.info("pool layout %s, written before namespaces, moved to %s", d, to)
 
+    def _check_disk_dir(self, namespace: str, disk_dir: str | None) -> None:
+        """The keeper keeps the disk tier under its own disk root: an app whose disk tier is elsewhere keeps its
+        disk blocks there unkept (and its host blocks are demoted into this root, where it does not look)."""
+        if disk_dir and disk_dir != str(self.roots["disk"].resolve()) and namespace not in self._warned:
+            self._warned.add(namespace)
+            logger.error("apps sharing the pool's host tier %s must share its disk tier: %s has %s, %s has %s",
+                         self.roots["host"], self.namespace, self.roots["disk"], namespace, disk_dir)
+
     def budgets(self) -> tuple[int, int]:
         """The node's budgets (host, disk): per tier, the smallest a live app declared."""
         host, disk = [self.own_budgets[0]], [self.own_budgets[1]]
@@ -425,6 +437,7 @@ class NodeKeeping:
                     declared = json.loads(os.pread(fd, 4096, 0))
                     host.append(int(declared["host_bytes"]))
                     disk.append(int(declared["disk_bytes"]))
+                    self._check_disk_dir(path.stem, declared.get("disk_dir"))
                 except (ValueError, KeyError, TypeError):
                     pass  # being written
             finally:

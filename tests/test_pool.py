@@ -593,3 +593,18 @@ def test_a_nodes_apps_keep_one_budget_when_the_keeping_shard_dies(pool_dirs, ray
         assert stores["b"].put(f"b{i:031x}", block)
     until(lambda st: st["b"]["blocks"]["host"] == 30, "b's blocks trimmed to its own budget")
     ray.kill(shards["b"], no_restart=True)
+
+
+def test_apps_sharing_a_host_tier_but_not_its_disk_tier_are_told(tmp_path, caplog):
+    """The node's keeper keeps one disk root: an app whose disk tier is elsewhere would keep it unkept."""
+    import logging
+
+    from kvpool.pool_catalog import NodeKeeping
+
+    a = NodeKeeping(tmp_path / "host", tmp_path / "disk-a", "app-a", 1 << 20, 1 << 20)
+    b = NodeKeeping(tmp_path / "host", tmp_path / "disk-b", "app-b", 1 << 20, 1 << 20)
+    with caplog.at_level(logging.ERROR, logger="kvpool.pool_catalog"):
+        assert a.keep() and a.budgets() == (1 << 20, 1 << 20)
+    assert any("must share its disk tier" in r.message and "app-b" in r.message for r in caplog.records)
+    a.close()
+    b.close()
