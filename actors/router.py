@@ -34,7 +34,7 @@ import zmq
 import zmq.asyncio
 
 from kvpool.config import KVPoolConfig
-from kvpool.events import decode_message
+from kvpool.events import decode_message, warm_up
 from kvpool.routing import Decision, ReplicaLoad, RouterCore
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class RouterActor:
         self._watchdog: asyncio.Task | None = None
         self._upkeeper: asyncio.Task | None = None
         self.actors: dict[str, ray.actor.ActorHandle] = {}  # replica -> its Serve replica actor
+        warm_up()  # the event decoder is compiled before the first message, not while route calls wait behind it
 
     def _ensure_consumer(self) -> None:
         loop = asyncio.get_running_loop()

@@ -75,6 +75,8 @@ def token_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids as a uint64 array, without a copy where they already are an integer array (token ids are never
     negative, so int64 and uint64 agree). Convert a list once per request and pass the array on."""
     if isinstance(tokens, np.ndarray):
+        if tokens.dtype == np.uint64:
+            return tokens
         if tokens.dtype.kind in "iu" and tokens.dtype.itemsize == 8:
             return tokens.view(np.uint64)
         return tokens.astype(np.uint64)

@@ -150,7 +150,8 @@ class PrefixIndex:
         if ev.block_size != self.block_size:
             raise ValueError(f"engine block_size {ev.block_size} != router block_size {self.block_size}")
         n = len(ev.block_hashes)
-        if len(ev.token_ids) < n * self.block_size:
+        n_tokens = n * self.block_size
+        if len(ev.token_ids) < n_tokens:
             raise ValueError(f"{len(ev.token_ids)} token ids for {n} blocks")
         r = self._replica(replica)
         parent_in_batch = -1
@@ -168,8 +169,8 @@ class PrefixIndex:
         first = self._batch_blocks
         self._batch.append(_Stored(r, ev.block_hashes, first, n, pos, seed, parent_in_batch))
         self._batch_firsts.append(first)
-        self._batch_tokens.append(hashing.token_array(ev.token_ids if len(ev.token_ids) == n * self.block_size
-                                                      else ev.token_ids[: n * self.block_size]))
+        tokens = hashing.token_array(ev.token_ids)
+        self._batch_tokens.append(tokens if len(tokens) == n_tokens else tokens[:n_tokens])
         r.batched.update(zip(ev.block_hashes, range(first, first + n)))
         self._batch_blocks += n
         if self._batch_blocks >= self.MAX_BATCH:

@@ -352,7 +352,9 @@ class RouterCore:
 
     def _apply_events(self, replica: str, events: list) -> str | None:
         """Apply events of a batch: "malformed" (the view reset) when one could not be, the rest then dropped."""
-        counts = self.event_counts.setdefault(replica, Counter())
+        counts = self.event_counts.get(replica)
+        if counts is None:
+            counts = self.event_counts[replica] = Counter()
         for ev in events:
             try:
                 if not self.index.apply(replica, ev):

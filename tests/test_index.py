@@ -156,16 +156,44 @@ def test_salted_chains_do_not_match_unsalted_requests():
 
 
 def test_wire_round_trip_matches_vllm_encoding():
+    """Token ids of every msgpack width (vLLM's encoder writes each int as short as it fits), in several events of
+    one batch, decode into arrays of the ids sent."""
     import msgspec
-    from vllm.distributed.kv_events import BlockStored as VBlockStored, KVEventBatch
+    from vllm.distributed.kv_events import BlockRemoved as VBlockRemoved, BlockStored as VBlockStored, KVEventBatch
 
-    v = KVEventBatch(ts=1.5, events=[VBlockStored(block_hashes=[11, 12], parent_block_hash=None,
-                                                  token_ids=list(range(2 * BS)), block_size=BS, lora_id=None,
-                                                  medium="GPU", lora_name=None)])
+    widths = [0, 1, 127, 128, 200, 255, 256, 4096, 65535, 65536, 151_000, 2**32 - 1]
+    ids = [[widths[(i * 7 + j) % len(widths)] for i in range(2 * BS)] for j in range(3)]
+    v = KVEventBatch(ts=1.5, events=[
+        VBlockStored(block_hashes=[11, 12], parent_block_hash=None, token_ids=ids[0], block_size=BS, lora_id=None,
+                     medium="GPU", lora_name=None),
+        VBlockRemoved(block_hashes=[5], medium="GPU"),
+        VBlockStored(block_hashes=[13, 14], parent_block_hash=12, token_ids=ids[1], block_size=BS, lora_id=None,
+                     medium="GPU", lora_name=None),
+        VBlockStored(block_hashes=[15], parent_block_hash=14, token_ids=ids[2][:BS], block_size=BS, lora_id=None,
+                     medium="GPU", lora_name=None)])
     topic, seq, batch = decode_message([b"replica-1", (7).to_bytes(8, "big"), msgspec.msgpack.encode(v)])
     assert (topic, seq) == ("replica-1", 7) and batch.events[0].block_hashes == [11, 12]
+    assert isinstance(batch.events[1], BlockRemoved) and batch.events[1].block_hashes == [5]
+    stored = [ev for ev in batch.events if isinstance(ev, BlockStored)]
+    assert [ev.token_ids.dtype for ev in stored] == [np.uint64] * 3
+    assert [ev.token_ids.tolist() for ev in stored] == [ids[0], ids[1], ids[2][:BS]]
     again = decode_message(encode_message("r", 3, EventBatch(ts=1.0, events=batch.events)))
-    assert again[2].events[0].token_ids == list(range(2 * BS))
+    assert [ev.token_ids.tolist() for ev in again[2].events if isinstance(ev, BlockStored)] == \
+        [ids[0], ids[1], ids[2][:BS]]
+
+
+def test_token_ids_the_fast_decoder_does_not_take_are_decoded_or_refused():
+    """Ids beyond 32 bits go the slow way to the same values; an id that is no integer makes the message
+    undecodable (the router drops it: the replica's next batch is a sequence gap, and its view resets)."""
+    import msgspec
+
+    from kvpool.events import decode_uint_arrays
+
+    assert [a.tolist() for a in decode_uint_arrays([msgspec.msgpack.encode([1, 2**40, 3]),
+                                                    msgspec.msgpack.encode([])])] == [[1, 2**40, 3], []]
+    for bad in ([1, "x"], [1, 2.5], [1, 2**64 - 1], {"a": 1}):
+        with pytest.raises(ValueError):
+            decode_uint_arrays([msgspec.msgpack.encode(bad)])
 
 
 def test_the_event_relay_follows_the_router_and_the_replay_returns_every_batch(tmp_path):
