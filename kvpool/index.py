@@ -26,14 +26,17 @@ from kvpool.block_table import BlockTable
 from kvpool.events import DEVICE_MEDIA, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
+_HASH = (1 << 64) - 1  # the routing hash's bits of a packed block
+
+
 @dataclass
 class _ReplicaBlocks:
     bit: int
-    # engine block hash -> our routing hash, and -> its block position. Two maps of ints rather than one of tuples:
-    # a dict of atomic values is not tracked by Python's cyclic GC, so a full collection does not walk a million
-    # entries (measured: collections of 0.1-0.4 s in a router holding 1M blocks as tuples).
-    hashes: dict = field(default_factory=dict)
-    positions: dict = field(default_factory=dict)
+    # engine block hash -> its block's position and our routing hash, packed in one int: (position << 64) | hash.
+    # An int rather than a tuple: a dict of atomic values is not tracked by Python's cyclic GC, so a full collection
+    # does not walk a million entries (measured: collections of 0.1-0.4 s in a router holding 1M blocks as tuples);
+    # one map rather than one per value: a block is one insert into a large (memory-bound) dict, not two.
+    blocks: dict = field(default_factory=dict)
     # engine block hash -> its place in the batch not hashed yet (small and cache-resident: the large map above is
     # written once per block, when the batch is hashed)
     batched: dict = field(default_factory=dict)
@@ -85,8 +88,8 @@ class PrefixIndex:
         hashes = sums + np.repeat(np.array(offsets, dtype=np.uint64), lengths)
         listed = hashes.tolist()
         for e in batch:  # in order: an engine hash stored twice keeps its later block
-            e.replica.hashes.update(zip(e.engine_hashes, listed[e.first:e.first + e.n]))
-            e.replica.positions.update(zip(e.engine_hashes, range(e.pos, e.pos + e.n)))
+            e.replica.blocks.update(zip(e.engine_hashes, [pos << 64 | h for pos, h in zip(
+                range(e.pos, e.pos + e.n), listed[e.first:e.first + e.n])]))
             e.replica.batched.clear()
         bits = [e.replica.bit for e in batch]
         if len(set(bits)) == 1:
@@ -105,9 +108,9 @@ class PrefixIndex:
     def num_blocks(self, replica: str | None = None) -> int:
         self.flush()
         if replica is None:
-            return sum(len(r.hashes) for r in self._replicas.values())
+            return sum(len(r.blocks) for r in self._replicas.values())
         r = self._replicas.get(replica)
-        return len(r.hashes) if r else 0
+        return len(r.blocks) if r else 0
 
     def _replica(self, replica: str) -> _ReplicaBlocks:
         r = self._replicas.get(replica)
@@ -122,8 +125,7 @@ class PrefixIndex:
             return
         self.flush()
         self._owners.clear_bit(r.bit)
-        r.hashes.clear()
-        r.positions.clear()
+        r.blocks.clear()
 
     def remove_replica(self, replica: str) -> None:
         if replica in self._replicas:
@@ -162,10 +164,10 @@ class PrefixIndex:
             e = self._batch[bisect_right(self._batch_firsts, parent_in_batch) - 1]
             seed, pos = None, e.pos + parent_in_batch - e.first + 1
         else:
-            seed = r.hashes.get(ev.parent_block_hash)
-            if seed is None:
+            parent = r.blocks.get(ev.parent_block_hash)
+            if parent is None:
                 return False
-            pos = r.positions[ev.parent_block_hash] + 1
+            seed, pos = parent & _HASH, (parent >> 64) + 1
         first = self._batch_blocks
         self._batch.append(_Stored(r, ev.block_hashes, first, n, pos, seed, parent_in_batch))
         self._batch_firsts.append(first)
@@ -183,10 +185,8 @@ class PrefixIndex:
             return
         if r.batched and not r.batched.keys().isdisjoint(engine_hashes):  # a block in the batch has no hash yet
             self.flush()
-        pop_hash, pop_pos = r.hashes.pop, r.positions.pop
-        gone = [h for h in (pop_hash(eh, None) for eh in engine_hashes) if h is not None]
-        for eh in engine_hashes:
-            pop_pos(eh, None)
+        pop = r.blocks.pop
+        gone = [b & _HASH for b in (pop(eh, None) for eh in engine_hashes) if b is not None]
         if gone:
             self._owners.discard(gone, r.bit)
 
