@@ -159,6 +159,11 @@ class KVPoolConfig(BaseModel):
             # Several engines share the node's cores: no pinning, and an even share of threads each.
             env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.num_replicas))
+            # oneDNN's global primitive cache kept ~1.2 MiB for every prefill length the model runner had not seen
+            # (agents' prompts are all of different lengths): the worker grew without bound (BENCHMARKS.md, soak).
+            # vLLM's CPU linear layers keep their own small cache of primitives; without the global one the growth
+            # stops after ~32 lengths.
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
         return env
 
     def resolved_device(self) -> str:

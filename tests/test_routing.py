@@ -256,3 +256,23 @@ def test_the_replica_stages_split_the_time_from_sending_to_the_first_output_back
     assert _replica_stages(10.0, {"replica_in": 10.2}, 13.25) == {"dispatch": 10.2 - 10.0,
                                                                   "first_out": 13.25 - 10.2}
     assert _replica_stages(10.0, None, 13.25) == {"replica": 13.25 - 10.0}
+
+
+def test_the_engines_model_runners_run_without_onednns_global_primitive_cache(tiny_app):
+    """The setting that bounds the model runner's memory under prompts of ever new lengths (KVPoolConfig.engine_env)
+    reaches the processes that run the model: vLLM's engine core and workers, spawned by each engine replica."""
+    import psutil
+
+    def title(p: psutil.Process) -> str:  # what Ray and vLLM name their processes
+        try:
+            return (p.cmdline() or [""])[0]
+        except psutil.Error:
+            return ""
+
+    replicas = [p for p in psutil.process_iter() if title(p).startswith("ray::ServeReplica:tiny:EngineReplica")]
+    assert len(replicas) == 2
+    for replica in replicas:
+        spawned = replica.children(recursive=True)
+        assert spawned, "no engine processes under the replica"
+        for p in spawned:
+            assert p.environ().get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == "0", (p.name(), p.cmdline()[:1])
