@@ -57,14 +57,15 @@ FETCH_BYTES = 64 << 20
 class _Metrics:
     """The node's pool in Prometheus, through Ray's metrics agent (the Grafana dashboard's KV pool row)."""
 
-    def __init__(self, node_id: str):
+    def __init__(self, node_id: str, app_name: str):
         from ray.util import metrics
 
         self.tags = {"node": node_id}
-        self.bytes = metrics.Gauge("kvpool_pool_bytes", "Bytes of KV blocks in the node's pool, per tier",
-                                   tag_keys=("node", "tier"))
-        self.blocks = metrics.Gauge("kvpool_pool_blocks", "KV blocks in the node's pool, per tier",
-                                    tag_keys=("node", "tier"))
+        self.app = {"app": app_name}  # each app's shard counts its own namespace's blocks
+        self.bytes = metrics.Gauge("kvpool_pool_bytes", "Bytes of an app's KV blocks in the node's pool, per tier",
+                                   tag_keys=("node", "tier", "app"))
+        self.blocks = metrics.Gauge("kvpool_pool_blocks", "An app's KV blocks in the node's pool, per tier",
+                                    tag_keys=("node", "tier", "app"))
         self.moved = metrics.Counter("kvpool_pool_moved_blocks", "Blocks demoted to disk, evicted, or pulled in "
                                      "from another node's pool", tag_keys=("node", "kind"))
 
@@ -85,7 +86,7 @@ class PoolShard:
         self.node_catalog: PoolCatalog | None = None  # every app's blocks, while this shard keeps the node's pool
         self.period_s = period_s
         self.counts: Counter = Counter()
-        self.metrics = _Metrics(self.node_id)
+        self.metrics = _Metrics(self.node_id, app_name)
         self._task: asyncio.Task | None = None
         self._report_seq = 0
         self._router = None  # the app's router actor, looked up again after it fails
@@ -105,8 +106,9 @@ class PoolShard:
         self.catalog.refresh()  # (after the upkeep: what it moved, the app's catalog has heard of by now)
         with self.catalog.lock:
             for tier, queue in self.catalog.tiers.items():
-                self.metrics.bytes.set(queue.bytes, tags={**self.metrics.tags, "tier": tier})
-                self.metrics.blocks.set(len(queue), tags={**self.metrics.tags, "tier": tier})
+                tags = {**self.metrics.tags, **self.metrics.app, "tier": tier}
+                self.metrics.bytes.set(queue.bytes, tags=tags)
+                self.metrics.blocks.set(len(queue), tags=tags)
 
     def describe(self) -> dict:
         """The app's part of the node's pool, the node's budgets, and the counters of the node's upkeep where this
