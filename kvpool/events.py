@@ -61,6 +61,8 @@ class _EventBatchOnTheWire(EventBatch, array_like=True, omit_defaults=True):
 
 
 _decoder = msgspec.msgpack.Decoder(_EventBatchOnTheWire)
+
+
 def _encode_array(obj):
     if isinstance(obj, np.ndarray):  # token ids as decode_message gives them
         return obj.tolist()
