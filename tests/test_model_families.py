@@ -1,8 +1,9 @@
-"""Model families beyond dense full attention, through the real app (Serve, router, HTTP) with the pool configured.
+"""Model families beyond dense full attention: a sliding-window model through the pool's connector (real vLLM CPU
+engines, in-process) and through the real app (Serve, router, HTTP), and which families the pool serves.
 
-The pool's connector moves one group of full-attention layers. A model with sliding-window layers needs vLLM's hybrid
-KV cache manager, which vLLM turns off for such a connector (and then runs the model with full-attention memory, or
-refuses a hybrid SSM model at startup), so the app serves it without the pool (kvpool.connector.unpoolable_reason).
+The connector supports vLLM's hybrid memory allocator: a sliding-window model keeps its sliding-window layers' memory
+bounded by the window, and a pool block holds every KV cache group's part (a load restores all of them or none).
+State-space and linear-attention models are served without the pool (kvpool.connector.unpoolable_reason).
 """
 
 import random
@@ -11,21 +12,106 @@ import httpx
 import pytest
 
 from conftest import TEST_BLOCK, wait_ready
+from test_pool_correctness import (BLOCK, close, differences, engine, generate, pool_file, preempted_differences,
+                                   scratch_reference, tokens, wait_pooled)
 from tiny_model import build_tiny_model
 
 WINDOW = 64
 
 
 @pytest.fixture(scope="module")
-def sliding_app(ray_cluster, tmp_path_factory):
+def sliding_model_dir():
+    from kvpool.model import cache_dir
+
+    return build_tiny_model(cache_dir() / "test-models" / f"tiny-llama-sliding-{WINDOW}", sliding_window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def sliding_reference(sliding_model_dir):
+    yield from scratch_reference(sliding_model_dir)
+
+
+def test_a_sliding_window_prefix_from_the_pool_equals_computing_it(sliding_model_dir, pool_dirs, sliding_reference):
+    """Engine A computes a prefix many windows long with vLLM's hybrid memory allocator on; a fresh engine B loads it
+    from the pool (both groups of every block, the window's and the full-attention layers') and answers as if it had
+    computed it."""
+    from kvpool.hashing import pool_keys, request_namespace
+
+    prefix, suffix = tokens(50, 20 * BLOCK), tokens(51, 70)
+    keys = pool_keys(prefix, BLOCK, request_namespace())
+    a = engine(sliding_model_dir, pool_dirs)
+    hybrid = not a.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
+    generate(a, [prefix], max_tokens=1)
+    wait_pooled(pool_dirs, keys[:19])
+    close(a)
+    assert hybrid, "the pool turned vLLM's hybrid memory allocator off"
+    b = engine(sliding_model_dir, pool_dirs)
+    got = generate(b, [prefix + suffix])
+    close(b)
+    assert differences(got, sliding_reference([prefix + suffix])) == []
+    assert got[0][0] >= 19 * BLOCK, "the pooled prefix was not loaded"
+
+
+def test_a_failed_sliding_window_load_is_computed_from_scratch(sliding_model_dir, pool_dirs, sliding_reference):
+    """A corrupt block in a pooled sliding-window prefix: the request is computed from scratch (vLLM recovers a
+    partial load only with one KV cache group), answers correctly, counts nothing as cached, and saves correct KV
+    that a later engine loads."""
+    from kvpool.hashing import pool_keys, request_namespace
+
+    prefix, suffix, more = tokens(60, 16 * BLOCK), tokens(61, 50), tokens(62, 40)
+    keys = pool_keys(prefix, BLOCK, request_namespace())
+    a = engine(sliding_model_dir, pool_dirs)
+    generate(a, [prefix], max_tokens=1)
+    wait_pooled(pool_dirs, keys[:15])
+    close(a)
+    victim = pool_file(pool_dirs, keys[8])
+    bad = bytearray(victim.read_bytes())
+    bad[len(bad) // 4: 3 * len(bad) // 4] = random.Random(1).randbytes(3 * len(bad) // 4 - len(bad) // 4)
+    victim.write_bytes(bytes(bad))
+
+    b = engine(sliding_model_dir, pool_dirs)
+    got_b = generate(b, [prefix + suffix])
+    wait_pooled(pool_dirs, keys[8:9])  # computed again and saved again
+    close(b)
+    assert differences(got_b, sliding_reference([prefix + suffix])) == []
+    assert got_b[0][0] == 0, "tokens of a failed load were counted as cached"
+
+    c = engine(sliding_model_dir, pool_dirs)
+    got_c = generate(c, [prefix + suffix + more])
+    close(c)
+    assert differences(got_c, sliding_reference([prefix + suffix + more])) == []
+    assert got_c[0][0] >= 15 * BLOCK
+
+
+def test_the_pool_identity_of_a_sliding_window_model_names_its_group_layout(sliding_model_dir):
+    """With vLLM's hybrid memory allocator off, the same model's block holds the same bytes in another order (one
+    group of every layer): its blocks go to another directory."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvpool.connector import layout_name
+
+    def config(**kw):
+        return EngineArgs(model=str(sliding_model_dir), dtype="float32", block_size=BLOCK, max_model_len=1024,
+                          enforce_eager=True, **kw).create_engine_config()
+
+    assert layout_name(config(), 0) != layout_name(config(disable_hybrid_kv_cache_manager=True), 0)
+
+
+def test_preempted_sliding_window_requests_with_pool_hits_are_correct(sliding_model_dir, pool_dirs,
+                                                                     sliding_reference):
+    """As test_pool_correctness's preemption test, with the sliding-window model: a request preempted after its
+    pool load is loaded again when it resumes."""
+    assert preempted_differences(sliding_model_dir, pool_dirs, sliding_reference, seed=70) == []
+
+
+@pytest.fixture(scope="module")
+def sliding_app(ray_cluster, sliding_model_dir, tmp_path_factory):
     from ray import serve
 
     from app.builder import build_app
     from kvpool.config import KVPoolConfig
-    from kvpool.model import cache_dir
 
-    model = build_tiny_model(cache_dir() / "test-models" / f"tiny-llama-sliding-{WINDOW}", sliding_window=WINDOW)
-    cfg = KVPoolConfig(model=str(model), served_model_name="sliding", num_replicas=1, max_model_len=4096,
+    cfg = KVPoolConfig(model=str(sliding_model_dir), served_model_name="sliding", num_replicas=1, max_model_len=4096,
                        kv_cache_bytes=16 << 20, block_size=TEST_BLOCK, router_port=5594,
                        pool_host_dir=str(tmp_path_factory.mktemp("s-host")),
                        pool_disk_dir=str(tmp_path_factory.mktemp("s-disk")))
@@ -37,9 +123,9 @@ def sliding_app(ray_cluster, tmp_path_factory):
     serve.delete("sliding")
 
 
-def test_a_sliding_window_model_starts_with_the_pool_on_and_keeps_vllms_own_prefix_cache(sliding_app):
+def test_a_sliding_window_model_is_served_with_the_pool_and_vllms_own_prefix_cache(sliding_app):
     stats = httpx.get(f"{sliding_app}/v1/kvpool/stats", timeout=30).json()
-    assert stats["pool"] is None and "sliding_attention" in stats["pool_off"], stats
+    assert stats["pool"] is not None and stats["pool_off"] is None, stats
     words = "the quick brown fox jumps over a lazy dog while agents read files run tests".split()
     rng = random.Random(17)
     prompt = " ".join(rng.choice(words) for _ in range(500))  # many windows long
@@ -70,11 +156,14 @@ FAMILIES = {  # a config.json of each family (no weights: vLLM's ModelConfig rea
                                q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
                                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), None),
     "sliding window (Gemma 3)": (dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=16,
-                                      num_hidden_layers=6, sliding_window=64), "sliding_attention"),
+                                      num_hidden_layers=6, sliding_window=64), None),
     "sliding window + MoE (gpt-oss)": (dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], head_dim=16,
-                                            num_local_experts=4, sliding_window=64), "sliding_attention"),
+                                            num_local_experts=4, sliding_window=64), None),
     "sliding window, every layer (Mistral v0.1)": (dict(model_type="mistral", architectures=["MistralForCausalLM"],
-                                                        sliding_window=4096), "sliding-window"),
+                                                        sliding_window=4096), None),
+    "chunked local attention (Llama 4)": (dict(model_type="llama4_text", architectures=["Llama4ForCausalLM"],
+                                               head_dim=16, attention_chunk_size=128, num_local_experts=4),
+                                          "chunked"),
     "hybrid linear attention (Qwen3-Next)": (dict(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"],
                                                   head_dim=16, num_hidden_layers=4), "linear-attention"),
     "hybrid SSM (Jamba)": (dict(model_type="jamba", architectures=["JambaForCausalLM"], num_hidden_layers=4),

@@ -72,8 +72,13 @@ def differences(got, want) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    """Outputs computed from scratch (no prefix cache, no pool), one prompt at a time, kept by prompt."""
-    llm = engine(tiny_model_dir, prefix_caching=False)
+    yield from scratch_reference(tiny_model_dir)
+
+
+def scratch_reference(model_dir):
+    """A fixture's body: the model's outputs computed from scratch (no prefix cache, no pool), one prompt at a time,
+    kept by prompt."""
+    llm = engine(model_dir, prefix_caching=False)
     cache = {}
 
     def compute(prompts, max_tokens=8):
@@ -92,16 +97,21 @@ def test_preempted_requests_with_pool_hits_are_correct(tiny_model_dir, pool_dirs
     once in a KV cache far smaller than they need: vLLM preempts, and a resumed request's pool hits are claimed
     again, so they must be loaded again. Without the pool (vLLM's own prefix cache only) the same run is the
     control that the tolerance holds batching noise."""
-    prefix = tokens(10, 18 * BLOCK)
-    prompts = [prefix + tokens(100 + i, 150) for i in range(12)]
-    llm = engine(tiny_model_dir, pool_dirs if pool else None, kv_bytes=64 * BLOCK * 1024, max_model_len=1024)
+    assert preempted_differences(tiny_model_dir, pool_dirs if pool else None, reference, seed=10) == []
+
+
+def preempted_differences(model_dir, pool_dirs, reference, seed: int) -> list[str]:
+    """The preemption check's run: how the 12 outputs differ from `reference`."""
+    prefix = tokens(seed, 18 * BLOCK)
+    prompts = [prefix + tokens(seed * 10 + i, 150) for i in range(12)]
+    llm = engine(model_dir, pool_dirs, kv_bytes=64 * BLOCK * 1024, max_model_len=1024)
     for p in prompts:
         generate(llm, [p], max_tokens=1)
     got = generate(llm, prompts, max_tokens=200)
     n_preempted = preemptions(llm)
     close(llm)
     assert n_preempted > 0, "the test did not force a preemption"
-    assert differences(got, reference(prompts, max_tokens=200)) == []
+    return differences(got, reference(prompts, max_tokens=200))
 
 
 def pool_file(pool_dirs, key):
