@@ -29,11 +29,15 @@ class BlockStored(msgspec.Struct, tag=True, omit_defaults=True):
     medium: str | None = None
     # One entry per block: LoRA name, multimodal ids, cache salt, ... (the salt only on a chain's first block).
     extra_keys: list[list | None] | None = None
+    # With vLLM's hybrid memory allocator, each KV cache group reports its own blocks (under the same hashes).
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None  # the group's kind: FULL_ATTENTION_KINDS, "sliding_window", ...
 
 
 class BlockRemoved(msgspec.Struct, tag=True, omit_defaults=True):
     block_hashes: list[BlockHash]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 class AllBlocksCleared(msgspec.Struct, tag=True, omit_defaults=True):
@@ -51,6 +55,8 @@ class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True):
 
 # Device-resident blocks: vLLM labels its own cache "GPU" even on CPU; other media are offload tiers.
 DEVICE_MEDIA = (None, "GPU")
+# KV cache group kinds (vLLM's KVCacheSpecKind) that keep every block of a prefix while it is cached.
+FULL_ATTENTION_KINDS = ("full_attention", "mla_attention", "sink_full_attention")
 
 class _BlockStoredOnTheWire(BlockStored, tag="BlockStored"):
     token_ids: msgspec.Raw  # their msgpack bytes, until decode_message decodes them into an array

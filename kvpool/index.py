@@ -23,7 +23,7 @@ import numpy as np
 
 from kvpool import hashing
 from kvpool.block_table import BlockTable
-from kvpool.events import DEVICE_MEDIA, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvpool.events import DEVICE_MEDIA, FULL_ATTENTION_KINDS, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 _HASH = (1 << 64) - 1  # the routing hash's bits of a packed block
@@ -40,6 +40,13 @@ class _ReplicaBlocks:
     # engine block hash -> its place in the batch not hashed yet (small and cache-resident: the large map above is
     # written once per block, when the batch is hashed)
     batched: dict = field(default_factory=dict)
+    # The KV cache group followed, once a full-attention one has reported (vLLM's hybrid memory allocator: a
+    # sliding-window group drops a prefix's blocks as the window moves on, while the full-attention group, which
+    # a prefix hit needs whole, keeps them). Until then, and for a model of one group, every group's events.
+    group: int | None = None
+
+    def follows(self, group_idx: int | None) -> bool:
+        return self.group is None or group_idx is None or group_idx == self.group
 
 
 @dataclass
@@ -140,7 +147,7 @@ class PrefixIndex:
             return self._stored(replica, event)
         if isinstance(event, BlockRemoved):
             if event.medium in DEVICE_MEDIA:
-                self._removed(replica, event.block_hashes)
+                self._removed(replica, event.block_hashes, event.group_idx)
             return True
         if isinstance(event, AllBlocksCleared):
             self.clear(replica)
@@ -156,6 +163,10 @@ class PrefixIndex:
         if len(ev.token_ids) < n_tokens:
             raise ValueError(f"{len(ev.token_ids)} token ids for {n} blocks")
         r = self._replica(replica)
+        if r.group is None and ev.group_idx is not None and ev.kv_cache_spec_kind in FULL_ATTENTION_KINDS:
+            r.group = ev.group_idx
+        if not r.follows(ev.group_idx):
+            return True
         parent_in_batch = -1
         if ev.parent_block_hash is None:
             first = ev.extra_keys[0] if ev.extra_keys else None
@@ -179,9 +190,9 @@ class PrefixIndex:
             self.flush()
         return True
 
-    def _removed(self, replica: str, engine_hashes: list) -> None:
+    def _removed(self, replica: str, engine_hashes: list, group_idx: int | None) -> None:
         r = self._replicas.get(replica)
-        if r is None:
+        if r is None or not r.follows(group_idx):
             return
         if r.batched and not r.batched.keys().isdisjoint(engine_hashes):  # a block in the batch has no hash yet
             self.flush()

@@ -140,6 +140,29 @@ def test_eviction_and_clear_remove_blocks():
     assert idx.num_blocks("B") == 0
 
 
+def test_a_sliding_window_groups_events_never_hide_the_full_attention_blocks():
+    """With vLLM's hybrid memory allocator an engine reports each KV cache group's blocks, under the same block
+    hashes; the window group's blocks leave as the window moves on while the full-attention group keeps the prefix.
+    The index follows the full-attention group (a prefix hit needs all of its blocks), so the window's removals
+    take nothing from it; a model with one group (whatever its kind) is followed as before."""
+    toks = list(range(6 * BS))
+    idx = PrefixIndex(BS)
+    full = stored(toks, 0, 6)
+    full.group_idx, full.kv_cache_spec_kind = 1, "full_attention"
+    window = stored(toks, 0, 6)
+    window.group_idx, window.kv_cache_spec_kind = 0, "sliding_window"
+    idx.apply("A", window)
+    idx.apply("A", full)
+    idx.apply("A", BlockRemoved(block_hashes=window.block_hashes[:4], group_idx=0))
+    assert idx.match(block_hashes(toks, BS)) == {"A": 6}
+    idx.apply("A", BlockRemoved(block_hashes=full.block_hashes[3:], group_idx=1))
+    assert idx.match(block_hashes(toks, BS)) == {"A": 3}
+    one = stored(toks, 0, 6, tag=2)
+    one.group_idx, one.kv_cache_spec_kind = 0, "sliding_window"  # every layer sliding (Mistral v0.1): one group
+    idx.apply("B", one)
+    assert idx.match(block_hashes(toks, BS), ["B"]) == {"B": 6}
+
+
 def test_block_size_mismatch_is_loud():
     with pytest.raises(ValueError):
         PrefixIndex(64).apply("A", stored(list(range(BS)), 0, 1))
@@ -165,8 +188,8 @@ def test_wire_round_trip_matches_vllm_encoding():
     ids = [[widths[(i * 7 + j) % len(widths)] for i in range(2 * BS)] for j in range(3)]
     v = KVEventBatch(ts=1.5, events=[
         VBlockStored(block_hashes=[11, 12], parent_block_hash=None, token_ids=ids[0], block_size=BS, lora_id=None,
-                     medium="GPU", lora_name=None),
-        VBlockRemoved(block_hashes=[5], medium="GPU"),
+                     medium="GPU", lora_name=None, group_idx=1, kv_cache_spec_kind="full_attention"),
+        VBlockRemoved(block_hashes=[5], medium="GPU", group_idx=1),
         VBlockStored(block_hashes=[13, 14], parent_block_hash=12, token_ids=ids[1], block_size=BS, lora_id=None,
                      medium="GPU", lora_name=None),
         VBlockStored(block_hashes=[15], parent_block_hash=14, token_ids=ids[2][:BS], block_size=BS, lora_id=None,
@@ -174,6 +197,8 @@ def test_wire_round_trip_matches_vllm_encoding():
     topic, seq, batch = decode_message([b"replica-1", (7).to_bytes(8, "big"), msgspec.msgpack.encode(v)])
     assert (topic, seq) == ("replica-1", 7) and batch.events[0].block_hashes == [11, 12]
     assert isinstance(batch.events[1], BlockRemoved) and batch.events[1].block_hashes == [5]
+    assert (batch.events[0].group_idx, batch.events[0].kv_cache_spec_kind, batch.events[1].group_idx) == \
+        (1, "full_attention", 1)
     stored = [ev for ev in batch.events if isinstance(ev, BlockStored)]
     assert [ev.token_ids.dtype for ev in stored] == [np.uint64] * 3
     assert [ev.token_ids.tolist() for ev in stored] == [ids[0], ids[1], ids[2][:BS]]
