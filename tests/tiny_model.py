@@ -61,10 +61,11 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(400)]
 
 
-def build_tiny_model(path: Path, seed: int = 0, sliding_window: int | None = None) -> Path:
-    """`seed` draws the weights: another seed is another model of the same shape. `sliding_window`: the first
-    layer attends to that many tokens only (vLLM's Llama reads `layer_types`), as Gemma's and gpt-oss's
-    interleaved sliding-window layers do."""
+def build_tiny_model(path: Path, seed: int = 0, sliding_window: int | None = None, **shape) -> Path:
+    """`seed` draws the weights: another seed is another model of the same shape. `sliding_window`: every other
+    layer, from the first, attends to that many tokens only (vLLM's Llama reads `layer_types`), as gpt-oss's
+    interleaved sliding-window layers do. `shape`: LlamaConfig sizes other than the tiny default (a benchmark
+    builds a model as costly as SmolLM2-135M)."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -84,20 +85,19 @@ def build_tiny_model(path: Path, seed: int = 0, sliding_window: int | None = Non
     )
     fast.add_tokens(TOOL_TOKENS)
     fast.chat_template = CHATML
+    shape = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, **shape}
+    layers = shape["num_hidden_layers"]
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **shape,
         max_position_embeddings=8192,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
-        **({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": sliding_window}
-           if sliding_window else {}),
+        **({"layer_types": [("full_attention", "sliding_attention")[i % 2 == 0] for i in range(layers)],
+            "sliding_window": sliding_window} if sliding_window else {}),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -105,3 +105,16 @@ def build_tiny_model(path: Path, seed: int = 0, sliding_window: int | None = Non
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+if __name__ == "__main__":  # a benchmark's model: python tests/tiny_model.py PATH [--sliding-window N] [--smollm2-shape]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build a random-weight Llama with a local tokenizer")
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--sliding-window", type=int, default=None)
+    ap.add_argument("--smollm2-shape", action="store_true", help="SmolLM2-135M's sizes (its compute per token)")
+    args = ap.parse_args()
+    sizes = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3) if args.smollm2_shape else {}
+    print(build_tiny_model(args.path, sliding_window=args.sliding_window, **sizes))
