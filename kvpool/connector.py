@@ -390,24 +390,24 @@ class KVPoolConnector(KVConnectorBase_V1, SupportsHMA):
         st = self._reqs[req_id]
         st.block_ids = block_ids
         plan = self._step.setdefault(req_id, _StepPlan())
-        per_position = list(zip(*block_ids))
         if st.load_n:
             span = slice(st.load_from, st.load_from + st.load_n)
-            meta.loads.append(BlockTransfer(per_position[span], st.keys[span]))
+            meta.loads.append(BlockTransfer(list(zip(*(ids[span] for ids in block_ids))), st.keys[span]))
             plan.load_from, plan.load_block_ids = st.load_from, block_ids[0][span]
             st.load_n = 0
-        upto = min(computed_after_step // self.block_size, len(st.keys), len(per_position))
+        upto = min(computed_after_step // self.block_size, len(st.keys), min(map(len, block_ids)))
         if upto <= st.saved_upto:
-            return
-        # A position that a sliding-window group keeps no block for (the engine's own prefix cache served it) is not
-        # saved: its pool file would lack that group.
-        idx = [i for i in range(st.saved_upto, upto)
-               if NULL_BLOCK not in per_position[i] and not self.stores.contains(st.keys[i])]
+            return  # (most steps: a decode step completes no prompt block)
+        # Only the positions this step completed, per position the block of each group. A position that a
+        # sliding-window group keeps no block for (the engine's own prefix cache served it) is not saved: its pool
+        # file would lack that group.
+        positions = {i: tuple(ids[i] for ids in block_ids) for i in range(st.saved_upto, upto)}
+        idx = [i for i, p in positions.items() if NULL_BLOCK not in p and not self.stores.contains(st.keys[i])]
         if plan.save_from is None:
             plan.save_from = st.saved_upto
         st.saved_upto = upto
         if idx:
-            meta.saves.append(BlockTransfer([per_position[i] for i in idx], [st.keys[i] for i in idx], st.retain))
+            meta.saves.append(BlockTransfer([positions[i] for i in idx], [st.keys[i] for i in idx], st.retain))
 
     def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
         assert kv_cache_manager.block_pool.null_block.block_id == NULL_BLOCK
