@@ -37,12 +37,13 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import numpy as np
 
 FORMATS = ("claude-code", "aiperf", "mooncake", "swe-agent", "kv-cache-tester")
-CHARS_PER_TOKEN = 3  # conservative for code and tool output, so scaled prompts fit the context
+CHARS_PER_TOKEN = 3  # estimates an answer's tokens from its text where a trace gives no count
 BLOCK_TOKENS = 512  # tokens per hash id in the aiperf and Mooncake traces: the unit of fit_tokens' scale
 MIN_BLOCK_TOKENS = 1  # scaling stops at one token per 512-token block (each hash block keeps a token); longer cut
 FIRST_TOKEN_ID = 100  # synthetic prompts stay above the special and byte tokens
@@ -265,17 +266,42 @@ def read_kv_cache_tester(path: Path, sessions_wanted: int) -> list[Session]:
             for s in kv_cache_tester_sessions(path, sessions_wanted)]
 
 
-def fit_context(session: Session, max_chars: int) -> Session:
-    """Shrink a chat session so its longest request fits `max_chars`, keeping its growth pattern: every message is
-    truncated by the same factor, and a message is truncated the same way in every turn, so each request is still
-    a prefix of the next (what makes agent traffic cacheable)."""
-    longest = max(sum(len(m["content"]) for m in t.messages) for t in session.turns)
-    if longest <= max_chars:
-        return session
-    f = max_chars / longest
+def _shrunk(turn: Turn, f: float) -> Turn:
     cut = lambda s: s[: max(1, math.floor(len(s) * f))]  # noqa: E731
-    return Session(session.name, [Turn([{"role": m["role"], "content": cut(m["content"])} for m in t.messages],
-                                       t.max_tokens, t.think_s) for t in session.turns])
+    return Turn([{"role": m["role"], "content": cut(m["content"])} for m in turn.messages], turn.max_tokens,
+                turn.think_s)
+
+
+def fit_chat(session: Session, max_tokens: int, count_tokens: Callable[[list[dict]], int]) -> Session:
+    """Shrink a chat session so its longest request renders to at most `max_tokens` tokens (`count_tokens`: the
+    model's chat template and tokenizer), keeping its growth pattern: every message is truncated by the same
+    factor, and a message is truncated the same way in every turn, so each request is still a prefix of the next
+    (what makes agent traffic cacheable). The factor is searched on the model's own tokens, so a tokenizer with
+    fewer characters per token still fits and one with more still fills the context.
+
+    The longest request is the one with the most characters: in an agent session, the last, which holds all the
+    others."""
+    chars = lambda t: sum(len(m["content"]) for m in t.messages)  # noqa: E731
+    longest = max(session.turns, key=chars)
+    # First guess: 4 characters a token (English and code average a little less), so the first count is of a text
+    # near the budget, never of a 100K-token transcript.
+    f = min(1.0, 4 * max_tokens / max(1, chars(longest)))
+    fits, too_long = 0.0, math.inf  # the largest factor known to fit, the smallest known not to
+    for _ in range(12):
+        n = count_tokens(_shrunk(longest, f).messages)
+        if n <= max_tokens:
+            fits = f
+            if f == 1.0 or n >= 0.98 * max_tokens:
+                break
+        else:
+            too_long = f
+        f = min(1.0, f * max_tokens / max(1, n) * 0.995)  # tokens grow about linearly with the kept characters
+        if not fits < f < too_long:
+            f = (fits + min(too_long, 1.0)) / 2
+    if fits == 0.0:
+        raise ValueError(f"{session.name}: a turn does not fit {max_tokens} tokens even cut to one character a "
+                         "message; give a larger --max-context")
+    return session if fits == 1.0 else Session(session.name, [_shrunk(t, fits) for t in session.turns])
 
 
 def scaled_tokens(trace_tokens, per_block: int):

@@ -67,7 +67,7 @@ def _claude_code_turn_texts(tokenizer, sessions=2, turns=25):
 
     trace = Path(__file__).resolve().parents[2] / "shared" / "traces" / "claude-code"
     return [tokenizer.apply_chat_template(t.messages, add_generation_prompt=True, tokenize=False)
-            for s in load_sessions(trace, sessions, 20_000, 0, turns) for t in s.turns]
+            for s in load_sessions(trace, sessions, 20_000, 0, PromptRenderer(tokenizer), turns) for t in s.turns]
 
 
 def test_agent_turns_tokenize_to_the_whole_texts_tokens_reusing_the_previous_turns(renderer):

@@ -1,6 +1,7 @@
 """The trace readers, token-id scaling and the infinite-cache bound on the real shared traces, and the replay plots.
 
-Small samples of ../shared/traces: the file runs in seconds, without Ray, engines or a tokenizer.
+Small samples of ../shared/traces: the file runs in seconds, without Ray or engines (chat traces are fitted with a
+model's tokenizer: the embedded SmolLM2's, and the tiny test model's, which has a 512-token vocabulary).
 """
 
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from kvpool.bench.plots import plot_summaries, plot_turns
 from kvpool.bench.replay import Bound, Record, load_sessions, summarize
+from kvpool.prompt import PromptRenderer
 from kvpool.traces import (BLOCK_TOKENS, FIRST_TOKEN_ID, MIN_BLOCK_TOKENS, Session, detect_format, fit_tokens,
                            read_sessions, scaled_tokens, tokens_per_block)
 
@@ -146,21 +148,47 @@ def test_kv_cache_tester_conversations_scale_into_a_small_context():
     assert cached / sum(len(t.prompt_ids) for t in turns) > 0.85  # the full traces' bound is 96%
 
 
-def test_load_sessions_fits_each_format():
+@pytest.fixture(scope="module")
+def smollm2() -> PromptRenderer:
+    from kvpool.model import resolve_model
+
+    return PromptRenderer.from_pretrained(resolve_model(""))
+
+
+def test_load_sessions_fits_each_format(smollm2):
     for path in (TRACES / "claude-code", TRACES / "swe-agent", AIPERF, MOONCAKE):
-        sessions = load_sessions(path, 3, 2000, 16, max_turns=4)
+        sessions = load_sessions(path, 3, 2000, 16, smollm2, max_turns=4)
         assert 0 < len(sessions) <= 3 and all(0 < len(s.turns) <= 4 for s in sessions)
         for t in (t for s in sessions for t in s.turns):
-            if t.prompt_ids is not None:
-                assert len(t.prompt_ids) <= 2000 - 16
-            else:
-                assert sum(len(m["content"]) for m in t.messages) <= (2000 - 16 - 64) * 3
+            assert len(smollm2.chat(t.messages) if t.prompt_ids is None else t.prompt_ids) <= 2000 - 16
 
 
-def test_more_sessions_than_the_trace_are_distinct_agents():
-    sessions = load_sessions(TRACES / "swe-agent", 24, 2000, 16, max_turns=2)
+def test_chat_sessions_fit_and_fill_the_context_on_the_models_own_tokens(smollm2, tiny_model_dir):
+    """The tiny model's tokenizer takes ~1.5 characters a token, SmolLM2's ~3.5: with each, every request renders
+    within the context, a cut session's longest fills most of it, and every request is still a prefix of its
+    session's next."""
+    tiny = PromptRenderer.from_pretrained(str(tiny_model_dir))
+    as_read = {s.name: s.turns[:12] for s in read_sessions(TRACES / "claude-code", clients=4)}
+    for renderer in (tiny, smollm2):
+        for s in load_sessions(TRACES / "claude-code", 4, 2048, 64, renderer, max_turns=12):
+            longest = max(len(renderer.chat(t.messages)) for t in s.turns)
+            assert longest <= 2048 - 64, s.name
+            if [t.messages for t in s.turns] != [t.messages for t in as_read[s.name]]:
+                assert longest >= 0.9 * (2048 - 64), s.name
+            for a, b in zip(s.turns, s.turns[1:]):
+                assert [m["content"] for m in b.messages[: len(a.messages)]] == [m["content"] for m in a.messages]
+
+
+def test_a_chat_trace_without_the_models_tokenizer_is_refused():
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        load_sessions(TRACES / "claude-code", 2, 2000, 16)
+
+
+def test_more_sessions_than_the_trace_are_distinct_agents(smollm2):
+    sessions = load_sessions(TRACES / "swe-agent", 24, 2000, 16, smollm2, max_turns=2)
     copy = sessions[23]
     assert copy.name.endswith("#23") and copy.turns[0].messages[0]["content"].startswith("[agent 23] ")
+    assert len(smollm2.chat(copy.turns[-1].messages)) <= 2000 - 16
 
 
 def test_bound_on_an_aiperf_sample_is_high():
@@ -185,6 +213,13 @@ def test_plots_write_png_files(tmp_path):
     for path in (plot_turns(runs, out), plot_summaries(results, out)):
         assert path.parent == tmp_path and path.name.startswith("run-") and path.suffix == ".png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_a_summary_says_what_failed():
+    recs = records("a", 1.0) + [Record("a", 9, 1.0, error="HTTP 400: too long")] * 2 + [Record("a", 9, 1.0, error="x")]
+    summary = summarize(recs, 10.0)
+    assert summary["errors"] == 3 and summary["error_texts"] == {"HTTP 400: too long": 2, "x": 1}
+    assert summarize(records("a", 1.0), 10.0)["error_texts"] == {}
 
 
 def test_bound_counts_every_block_an_earlier_prompt_computed():

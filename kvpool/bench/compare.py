@@ -256,8 +256,8 @@ def run(args) -> dict:
 
     model_path = resolve_model(args.model)
     renderer = PromptRenderer.from_pretrained(model_path)
-    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns,
-                             args.trace_format, vocab_size=len(renderer.tokenizer))
+    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, renderer,
+                             args.turns, args.trace_format)
     configs = args.configs or CONFIGS
     chaos, chaos_at = args.chaos.split("@") if args.chaos else (None, None)
     chaos_at = float(chaos_at) if chaos_at else None

@@ -19,9 +19,11 @@ def run(args) -> dict:
     from kvpool.bench.replay import load_sessions
     from kvpool.model import resolve_model
     from kvpool.prefix_tokens import PrefixTokenizer
+    from kvpool.prompt import PromptRenderer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
-    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, 0, args.turns)
+    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, 0, PromptRenderer(tokenizer),
+                             args.turns)
     reuse = PrefixTokenizer(tokenizer)
     whole_s, reused_s, tokens, mismatched, turns = [], [], [], 0, 0
     for session in sessions:

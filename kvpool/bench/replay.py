@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,8 +30,7 @@ from tqdm import tqdm
 
 from kvpool.bench.verify import GREEDY
 from kvpool.hashing import block_hashes
-from kvpool.traces import (CHARS_PER_TOKEN, DEFAULT_VOCAB_SIZE, Session, Turn, detect_format, fit_context,
-                           fit_tokens, read_sessions)
+from kvpool.traces import DEFAULT_VOCAB_SIZE, Session, Turn, detect_format, fit_chat, fit_tokens, read_sessions
 
 if TYPE_CHECKING:
     from kvpool.prompt import PromptRenderer  # transformers: loaded only when chat turns need it
@@ -68,20 +68,29 @@ def _another_agent(session: Session, i: int) -> Session:
     return Session(f"{session.name}#{i}", [distinct(t) for t in session.turns])
 
 
-def load_sessions(trace: Path, n: int, max_context: int, max_output: int, max_turns: int = 0,
-                  trace_format: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[Session]:
-    """`n` sessions from the trace, each cut to `max_turns` turns and then scaled so its last turn fits
-    (token-id sessions all by one factor, see kvpool.traces.fit_tokens)."""
+AGENT_TAG_TOKENS = 16  # room for the "[agent i] " that tells copies of a trace session apart
+
+
+def load_sessions(trace: Path, n: int, max_context: int, max_output: int, renderer: PromptRenderer | None = None,
+                  max_turns: int = 0, trace_format: str | None = None) -> list[Session]:
+    """`n` sessions from the trace, each cut to `max_turns` turns and then scaled so every request and its answer
+    fit `max_context`: chat sessions on the model's own tokens (`renderer`, which chat traces need), token-id
+    sessions all by one factor (see kvpool.traces.fit_tokens) within the model's vocabulary."""
     base = read_sessions(trace, trace_format, clients=n)
     if not base:
         raise ValueError(f"no sessions in {trace}")
     if max_turns:
         base = [Session(s.name, s.turns[:max_turns]) for s in base]
+    if base[0].turns[0].blocks is None:
+        if renderer is None:
+            raise ValueError(f"{trace} is a chat trace: fitting it to the context needs the model's tokenizer")
+        budget = max_context - max_output - (AGENT_TAG_TOKENS if n > len(base) else 0)
+        base = [fit_chat(s, budget, lambda messages: len(renderer.chat(messages))) for s in base]
     sessions = [base[i] if i < len(base) else _another_agent(base[i % len(base)], i) for i in range(n)]
     if base[0].turns[0].blocks is not None:
+        vocab_size = len(renderer.tokenizer) if renderer else DEFAULT_VOCAB_SIZE
         return fit_tokens(sessions, max_context - max_output, vocab_size)
-    max_chars = (max_context - max_output - 64) * CHARS_PER_TOKEN  # 64: the chat template's own tokens
-    return [fit_context(s, max_chars) for s in sessions]
+    return sessions
 
 
 class Bound:
@@ -257,6 +266,8 @@ def summarize(records: list[Record], makespan_s: float) -> dict:
         "latency_mean_s": round(float(lat.mean()), 3), "latency_p50_s": pct(lat, 50), "latency_p90_s": pct(lat, 90),
         "hit_rate": round(hit, 4), "bound_hit_rate": round(bound / prompt, 4) if prompt else 0.0,
         "hit_rate_vs_bound": round(hit / (bound / prompt), 4) if bound else None,
+        # What failed, without a dig through the records: the most common error texts and how often each came.
+        "error_texts": dict(Counter(r.error[:200] for r in records if r.error is not None).most_common(3)),
     }
 
 
@@ -267,8 +278,8 @@ def run(args) -> dict:
     url = args.url.rstrip("/")
     model_path = args.tokenizer or resolve_model("")
     renderer = PromptRenderer.from_pretrained(model_path)
-    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, args.turns,
-                             args.trace_format, vocab_size=len(renderer.tokenizer))
+    sessions = load_sessions(Path(args.trace), args.sessions, args.max_context, args.max_output, renderer,
+                             args.turns, args.trace_format)
     records, wall = asyncio.run(replay(url, sessions, args.duration, args.turns, args.think_scale, args.max_output,
                                        Bound(args.block_size, renderer), verify=args.verify))
     result = {"bench": "replay", "url": args.url, "sessions": args.sessions, "trace": str(args.trace),

@@ -84,8 +84,8 @@ def run(args) -> dict:
     model_path = resolve_model(args.model)
     renderer = PromptRenderer.from_pretrained(model_path)
     # Enough sessions never to run out: copies beyond the trace's own are other agents, sharing nothing.
-    sessions = load_sessions(Path(args.trace), args.sessions * 100, args.max_context, args.max_output, args.turns,
-                             args.trace_format, vocab_size=len(renderer.tokenizer))
+    sessions = load_sessions(Path(args.trace), args.sessions * 100, args.max_context, args.max_output, renderer,
+                             args.turns, args.trace_format)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": args.http_port})
     samples: list[tuple[float, int]] = []

@@ -50,7 +50,7 @@ def _as_replayed(path: Path, trace_format: str, n: int, block_size: int, max_con
     renderer = PromptRenderer.from_pretrained(resolve_model(""))
     bound = Bound(block_size, renderer)
     out = []
-    for s in load_sessions(path, n, max_context, max_output, max_turns, trace_format, len(renderer.tokenizer)):
+    for s in load_sessions(path, n, max_context, max_output, renderer, max_turns, trace_format):
         session = SimSession(s.name)
         for t in s.turns:
             ids = bound.prompt_ids(t)
