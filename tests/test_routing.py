@@ -110,6 +110,13 @@ def test_evictions_leave_the_index(tiny_app):
         "cached_tokens"]
 
 
+def replayed(router_stats: dict, replica: str) -> bool:
+    """The router knows `replica` again: it is live and a replay of its events arrived and was applied whole (in
+    the full suite an engine's buffer holds thousands of batches, which the router applies in pieces)."""
+    s = (router_stats.get("replicas") or {}).get(replica) or {}
+    return bool(s.get("live") and s.get("event_replays") and not s.get("replaying"))
+
+
 def test_a_restarted_router_falls_back_then_relearns_what_the_engines_hold(tiny_app):
     url, _ = tiny_app
     from actors.router import NAMESPACE, router_name
@@ -124,8 +131,7 @@ def test_a_restarted_router_falls_back_then_relearns_what_the_engines_hold(tiny_
     # The engines register again at their next health check and replay their publishers' buffered events; a
     # request Serve routes without a choice makes its plug-in hand the restarted router the replica list.
     deadline = time.time() + 60
-    while not all((s := ((stats(url).get("replicas") or {}).get(r) or {})).get("event_replays") and s["live"]
-                  for r in live):
+    while not all(replayed(stats(url), r) for r in live):
         reasons.append(chat(url, [{"role": "user", "content": "fox"}]).headers["x-kvpool-route-reason"])
         assert time.time() < deadline, (reasons, stats(url))
         time.sleep(0.5)
@@ -150,8 +156,7 @@ def test_a_router_gone_for_good_is_made_anew_and_found_by_the_engines(tiny_app):
     _, old_prefix = ray.get(old.endpoint.remote())
     ray.kill(old, no_restart=True)
     deadline = time.time() + 90
-    while not all((s := ((stats(url).get("replicas") or {}).get(r) or {})).get("event_replays") and s["live"]
-                  for r in live):
+    while not all(replayed(stats(url), r) for r in live):
         chat(url, msgs)  # never fails meanwhile (fallback); the first one tells the ingress the router is gone
         assert time.time() < deadline, stats(url)
         time.sleep(0.5)
