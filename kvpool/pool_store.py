@@ -441,7 +441,15 @@ class PoolStore:
         """Read a block straight into `dst` (the destination's contiguous pieces, in order: on CPU the KV cache's
         own memory), with no staging copy, a chunk at a time, each chunk hashed while it is still in cache; then
         its checksum verified. False if the block is missing, of another size, or corrupt (then removed); `dst`
-        then holds garbage, which the engine recomputes over."""
+        then holds zeros: the engine recomputes over them, or frees the block, and a freed block's bytes must not
+        be NaN (an attention kernel multiplies a part-filled block's empty slots by zero)."""
+        if self._read_into(key, dst):
+            return True
+        for v in dst:
+            np.frombuffer(_as_bytes(v), dtype=np.uint8)[:] = 0
+        return False
+
+    def _read_into(self, key: str, dst: Sequence[memoryview]) -> bool:
         opened = self._open(key)
         if opened is None:
             return False

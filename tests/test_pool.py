@@ -312,6 +312,25 @@ def test_block_file_header_is_checked(tmp_path):
     assert store.read_into(b, [out]) and bytes(out) == payload
 
 
+def test_a_failed_read_leaves_zeros_where_it_wrote(tmp_path):
+    """A block is read straight into the KV cache and verified after. When it fails, the cache memory it was read into
+    goes back to vLLM's free blocks and may next hold a prompt's last, part-filled block, whose empty slots an
+    attention kernel still multiplies by zero: a corrupt file's NaN there turned a recomputed answer wrong (the
+    sliding-window model's failed load). So a failed read leaves zeros, never the file's bytes."""
+    import numpy as np
+
+    store = PoolStore(tmp_path / "h", tmp_path / "d", "layout")
+    nan = np.full(1024, np.nan, dtype=np.float32)
+    key = "c3" * 16
+    store.put(key, nan.tobytes())
+    raw = bytearray(store.find(key).read_bytes())
+    raw[len(raw) // 2] ^= 1  # inside the payload: the checksum disagrees
+    store.find(key).write_bytes(bytes(raw))
+    pieces = [np.ones(512, dtype=np.float32), np.ones(512, dtype=np.float32)]
+    assert not store.read_into(key, [memoryview(p) for p in pieces])
+    assert all(not p.any() for p in pieces)
+
+
 def test_block_files_this_process_would_not_write_are_parsed(tmp_path):
     """The fast path knows only the frame this pyarrow writes for this key and size; anything else is parsed as
     Arrow: a sound block in another layout of the file (another pyarrow's, here an extra metadata entry) loads, a
