@@ -18,8 +18,10 @@ Models with several KV cache groups (vLLM's hybrid memory allocator: sliding-win
 ones, whose window blocks vLLM frees as the window moves) are served with the allocator on (SupportsHMA). A pool
 block file holds the block of every group at that position, group after group, so a load restores every group or
 none; a position where some group keeps no block (NULL_BLOCK, before the window) is not saved, and a load skips that
-group's part. vLLM recovers a failed load of single blocks only with one group, so with several a request's load runs
-between steps (async: the request waits for it unscheduled) and a failure makes vLLM compute it from scratch.
+group's part. vLLM recovers a failed load of single blocks only with one group, and by recomputing from the failed
+block with the blocks before it as they are, null ones included; so with several groups, or a sliding window, a
+request's load runs between steps (async: the request waits for it unscheduled) and a failure makes vLLM compute it
+from scratch.
 
 What keeps pooled KV correct (each has a test in tests/test_pool_correctness.py):
 - Preemption: a preempted request loses its blocks; when it is scheduled again vLLM asks for its pool hit again
@@ -30,7 +32,7 @@ What keeps pooled KV correct (each has a test in tests/test_pool_correctness.py)
   from where the request is recomputed, takes the failed blocks out of vLLM's prefix cache (no other request may
   hit them before they are recomputed), and takes the failed tokens out of the request's cached-token count. This
   needs each step planned after the previous step's output: the engine runs with async_scheduling=False.
-- A failed async load (several KV cache groups): nothing was computed on it (the request waited); vLLM frees its
+- A failed async load (several KV cache groups, or a sliding window): nothing was computed on it (the request waited); vLLM frees its
   blocks and computes it from scratch, and the connector claims no pool hit for it again.
 - Tensor parallelism: each rank pools its own part of a block; the scheduler counts a block as pooled only where
   every rank holds it (EngineStores), and keeps every rank's copy in use. Pipeline parallelism is refused: its
@@ -278,9 +280,13 @@ class KVPoolConnector(KVConnectorBase_V1, SupportsHMA):
                 # unpoolable_reason keeps such models (state-space, linear or chunked attention) out of its way.
                 raise ValueError(f"the KV pool cannot move the KV cache groups {', '.join(unpooled)}: "
                                  f"set pool_enabled=false")
-        # vLLM recovers a failed load of some blocks (invalid_block_ids) only with one KV cache group; with several,
-        # a load runs between steps, for a whole request, and a failure makes vLLM compute the request from scratch.
-        self._async_loads = len(groups) > 1
+        # vLLM recovers a failed load of some blocks (invalid_block_ids) only with one KV cache group, and by
+        # recomputing from the first failed block on, which needs every block before it: a sliding-window group
+        # holds null blocks there (its window before the failed block was never loaded, and the recomputed tokens
+        # would attend to nothing; vllm-project/vllm#35223 fails such requests for the same reason). So with
+        # several groups or a sliding window, a load runs between steps, for a whole request, and a failure makes
+        # vLLM compute the request from scratch.
+        self._async_loads = len(groups) > 1 or any(isinstance(g.kv_cache_spec, SlidingWindowSpec) for g in groups)
         self.world_size = p.tensor_parallel_size
         self.num_blocks = kv_cache_config.num_blocks
         if role == KVConnectorRole.SCHEDULER:

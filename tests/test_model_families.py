@@ -31,38 +31,56 @@ def sliding_reference(sliding_model_dir):
     yield from scratch_reference(sliding_model_dir)
 
 
-def test_a_sliding_window_prefix_from_the_pool_equals_computing_it(sliding_model_dir, pool_dirs, sliding_reference):
+@pytest.fixture(scope="module")
+def all_sliding_model_dir():
+    from kvpool.model import cache_dir
+
+    return build_tiny_model(cache_dir() / "test-models" / f"tiny-llama-all-sliding-{WINDOW}", sliding_window=WINDOW,
+                            all_sliding=True)
+
+
+@pytest.fixture(scope="module")
+def all_sliding_reference(all_sliding_model_dir):
+    yield from scratch_reference(all_sliding_model_dir)
+
+
+@pytest.mark.parametrize("layers", ["alternating", "all_sliding"])
+def test_a_sliding_window_prefix_from_the_pool_equals_computing_it(layers, pool_dirs, request):
     """Engine A computes a prefix many windows long with vLLM's hybrid memory allocator on (the pool does not turn
-    it off). A corrupt block in it: engine B computes the request from scratch (vLLM recovers a partial load only
-    with one KV cache group), answers correctly, counts nothing as cached, and saves correct KV. Engine C loads
-    the whole prefix from the pool (both groups of every block: the window's and the full-attention layers') and
-    answers as if it had computed it."""
+    it off). A corrupt block in the last window: engine B computes the request from scratch, answers correctly,
+    counts nothing as cached, and saves correct KV. Engine C loads the whole prefix from the pool and answers as if
+    it had computed it. Layers alternating sliding and full (gpt-oss): two KV cache groups, a pool block holds both.
+    Every layer sliding (Mistral 7B v0.1): one group, null blocks before the window; there vLLM's recovery of single
+    failed blocks, which recomputes from the failed block with the blocks before it as they are, gave wrong logprobs
+    (the window before it was null, never loaded), so the connector loads such models whole or not at all too."""
     from kvpool.hashing import pool_keys, request_namespace
 
+    model_dir = request.getfixturevalue("sliding_model_dir" if layers == "alternating" else "all_sliding_model_dir")
+    reference = request.getfixturevalue("sliding_reference" if layers == "alternating" else "all_sliding_reference")
     prefix, suffix, more = tokens(60, 16 * BLOCK), tokens(61, 50), tokens(62, 40)
     keys = pool_keys(prefix, BLOCK, request_namespace())
-    a = engine(sliding_model_dir, pool_dirs)
+    a = engine(model_dir, pool_dirs)
     hybrid = not a.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
     generate(a, [prefix], max_tokens=1)
     wait_pooled(pool_dirs, keys[:15])
     close(a)
     assert hybrid, "the pool turned vLLM's hybrid memory allocator off"
-    victim = pool_file(pool_dirs, keys[8])
+    victim = pool_file(pool_dirs, keys[14])  # in the window of the prompt's next token: every layer reads it
     bad = bytearray(victim.read_bytes())
     bad[len(bad) // 4: 3 * len(bad) // 4] = random.Random(1).randbytes(3 * len(bad) // 4 - len(bad) // 4)
     victim.write_bytes(bytes(bad))
 
-    b = engine(sliding_model_dir, pool_dirs)
+    b = engine(model_dir, pool_dirs)
     got_b = generate(b, [prefix + suffix])
-    wait_pooled(pool_dirs, keys[8:9])  # computed again and saved again
+    wait_pooled(pool_dirs, keys[14:15])  # computed again and saved again
     close(b)
-    assert differences(got_b, sliding_reference([prefix + suffix])) == []
+    assert differences(got_b, reference([prefix + suffix])) == []
     assert got_b[0][0] == 0, "tokens of a failed load were counted as cached"
 
-    c = engine(sliding_model_dir, pool_dirs)
+    c = engine(model_dir, pool_dirs)
     got_c = generate(c, [prefix + suffix + more])
     close(c)
-    assert differences(got_c, sliding_reference([prefix + suffix + more])) == []
+    assert differences(got_c, reference([prefix + suffix + more])) == []
     assert got_c[0][0] >= 16 * BLOCK, "the pooled prefix was not loaded"
 
 

@@ -61,11 +61,12 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j) % len(words)] for j in range(40)) for i in range(400)]
 
 
-def build_tiny_model(path: Path, seed: int = 0, sliding_window: int | None = None, **shape) -> Path:
+def build_tiny_model(path: Path, seed: int = 0, sliding_window: int | None = None, all_sliding: bool = False,
+                     **shape) -> Path:
     """`seed` draws the weights: another seed is another model of the same shape. `sliding_window`: every other
     layer, from the first, attends to that many tokens only (vLLM's Llama reads `layer_types`), as gpt-oss's
-    interleaved sliding-window layers do. `shape`: LlamaConfig sizes other than the tiny default (a benchmark
-    builds a model as costly as SmolLM2-135M)."""
+    interleaved sliding-window layers do; with `all_sliding`, every layer does, as Mistral 7B v0.1's. `shape`:
+    LlamaConfig sizes other than the tiny default (a benchmark builds a model as costly as SmolLM2-135M)."""
     if (path / "config.json").exists():
         return path
     import torch
@@ -96,7 +97,8 @@ def build_tiny_model(path: Path, seed: int = 0, sliding_window: int | None = Non
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
-        **({"layer_types": [("full_attention", "sliding_attention")[i % 2 == 0] for i in range(layers)],
+        **({"layer_types": [("full_attention", "sliding_attention")[all_sliding or i % 2 == 0]
+                            for i in range(layers)],
             "sliding_window": sliding_window} if sliding_window else {}),
     )
     torch.manual_seed(seed)
