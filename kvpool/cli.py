@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     replay_args(replay)
     replay.add_argument("--url", default="http://127.0.0.1:8000")
     replay.add_argument("--tokenizer", default="",
-                        help="the served model's directory: for the cache bound, the token-id prompts' vocabulary and "
-                             "the --verify reference; default: the embedded model")
+                        help="the served model's directory: its tokens fit chat traces to --max-context, and it gives "
+                             "the cache bound, the token-id prompts' vocabulary and the --verify reference; default: "
+                             "the embedded model")
     replay.add_argument("--block-size", type=int, default=32)
 
     def deploy_args(p: argparse.ArgumentParser) -> None:

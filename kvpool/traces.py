@@ -279,14 +279,21 @@ def fit_chat(session: Session, max_tokens: int, count_tokens: Callable[[list[dic
     (what makes agent traffic cacheable). The factor is searched on the model's own tokens, so a tokenizer with
     fewer characters per token still fits and one with more still fills the context.
 
-    The longest request is the one with the most characters: in an agent session, the last, which holds all the
-    others."""
+    The longest request is taken to be the one with the most characters: in an agent session (both chat readers'),
+    the last, which holds all the others."""
+    if not session.turns:
+        return session
     chars = lambda t: sum(len(m["content"]) for m in t.messages)  # noqa: E731
     longest = max(session.turns, key=chars)
+    # What no factor shrinks: the template's tokens and the one character each message keeps.
+    floor = count_tokens(_shrunk(longest, 0.0).messages)
+    if floor > max_tokens:
+        raise ValueError(f"{session.name}: a turn of {len(longest.messages)} messages takes {floor} tokens even cut "
+                         f"to one character a message, over {max_tokens}; give a larger --max-context or fewer --turns")
     # First guess: 4 characters a token (English and code average a little less), so the first count is of a text
     # near the budget, never of a 100K-token transcript.
     f = min(1.0, 4 * max_tokens / max(1, chars(longest)))
-    fits, too_long = 0.0, math.inf  # the largest factor known to fit, the smallest known not to
+    fits, too_long = 0.0, math.inf  # the largest factor known to fit (0: the floor), the smallest known not to
     for _ in range(12):
         n = count_tokens(_shrunk(longest, f).messages)
         if n <= max_tokens:
@@ -295,12 +302,10 @@ def fit_chat(session: Session, max_tokens: int, count_tokens: Callable[[list[dic
                 break
         else:
             too_long = f
-        f = min(1.0, f * max_tokens / max(1, n) * 0.995)  # tokens grow about linearly with the kept characters
+        # The tokens above the floor grow about linearly with the kept characters.
+        f = min(1.0, f * (0.995 * max_tokens - floor) / max(1, n - floor))
         if not fits < f < too_long:
             f = (fits + min(too_long, 1.0)) / 2
-    if fits == 0.0:
-        raise ValueError(f"{session.name}: a turn does not fit {max_tokens} tokens even cut to one character a "
-                         "message; give a larger --max-context")
     return session if fits == 1.0 else Session(session.name, [_shrunk(t, fits) for t in session.turns])
 
 

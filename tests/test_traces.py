@@ -179,6 +179,23 @@ def test_chat_sessions_fit_and_fill_the_context_on_the_models_own_tokens(smollm2
                 assert [m["content"] for m in b.messages[: len(a.messages)]] == [m["content"] for m in a.messages]
 
 
+def test_a_session_whose_template_takes_most_of_the_context_still_fits():
+    """300 messages at 12 template tokens each take 3,900 of 4,000 tokens whatever their text: the search, which
+    scaled the whole count with the kept characters, ran out of tries and called such a session unfittable."""
+    from kvpool.traces import Turn, fit_chat
+
+    def count(messages):  # a tokenizer's shape: tokens per message, then 3 characters a token
+        return sum(12 + -(-len(m["content"]) // 3) for m in messages)
+
+    messages = [{"role": "user", "content": "x" * 400} for _ in range(300)]
+    session = Session("s", [Turn(messages[:k], 8) for k in (100, 200, 300)])
+    fitted = fit_chat(session, 4000, count)
+    assert max(count(t.messages) for t in fitted.turns) <= 4000
+    with pytest.raises(ValueError, match="takes 3900 tokens even cut to one character a message"):
+        fit_chat(session, 3899, count)
+    assert fit_chat(Session("empty", []), 10, count).turns == []
+
+
 def test_a_chat_trace_without_the_models_tokenizer_is_refused():
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         load_sessions(TRACES / "claude-code", 2, 2000, 16)

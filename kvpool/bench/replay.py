@@ -81,6 +81,7 @@ def load_sessions(trace: Path, n: int, max_context: int, max_output: int, render
         raise ValueError(f"no sessions in {trace}")
     if max_turns:
         base = [Session(s.name, s.turns[:max_turns]) for s in base]
+    base = base[:n]
     if base[0].turns[0].blocks is None:
         if renderer is None:
             raise ValueError(f"{trace} is a chat trace: fitting it to the context needs the model's tokenizer")
