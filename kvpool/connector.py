@@ -32,8 +32,9 @@ What keeps pooled KV correct (each has a test in tests/test_pool_correctness.py)
   from where the request is recomputed, takes the failed blocks out of vLLM's prefix cache (no other request may
   hit them before they are recomputed), and takes the failed tokens out of the request's cached-token count. This
   needs each step planned after the previous step's output: the engine runs with async_scheduling=False.
-- A failed async load (several KV cache groups, or a sliding window): nothing was computed on it (the request waited); vLLM frees its
-  blocks and computes it from scratch, and the connector claims no pool hit for it again.
+- A failed async load (several KV cache groups, or a sliding window): nothing was computed on it (the request
+  waited); vLLM frees its blocks and computes it from scratch, and the connector claims no pool hit for it again.
+  A failed read leaves zeros where it wrote, so the freed blocks hold no NaN from a damaged file.
 - Tensor parallelism: each rank pools its own part of a block; the scheduler counts a block as pooled only where
   every rank holds it (EngineStores), and keeps every rank's copy in use. Pipeline parallelism is refused: its
   stages run one after another, so they cannot agree on a failed load before saving.
@@ -63,7 +64,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
     SupportsHMA,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec,
+                                        UniformTypeKVCacheSpecs)
 
 from kvpool.hashing import MEMO_BLOCKS, PoolKeyMemo, request_namespace
 from kvpool.pool_store import EngineStores, PoolStore
@@ -283,10 +285,13 @@ class KVPoolConnector(KVConnectorBase_V1, SupportsHMA):
         # vLLM recovers a failed load of some blocks (invalid_block_ids) only with one KV cache group, and by
         # recomputing from the first failed block on, which needs every block before it: a sliding-window group
         # holds null blocks there (its window before the failed block was never loaded, and the recomputed tokens
-        # would attend to nothing; vllm-project/vllm#35223 fails such requests for the same reason). So with
-        # several groups or a sliding window, a load runs between steps, for a whole request, and a failure makes
-        # vLLM compute the request from scratch.
-        self._async_loads = len(groups) > 1 or any(isinstance(g.kv_cache_spec, SlidingWindowSpec) for g in groups)
+        # would attend to nothing; vllm-project/vllm#35223 proposed failing such requests for that reason). So
+        # with several groups or a sliding window, a load runs between steps, for a whole request, and a failure
+        # makes vLLM compute the request from scratch.
+        specs = [s for g in groups for s in (g.kv_cache_spec.kv_cache_specs.values()
+                                             if isinstance(g.kv_cache_spec, UniformTypeKVCacheSpecs)
+                                             else [g.kv_cache_spec])]
+        self._async_loads = len(groups) > 1 or any(isinstance(s, SlidingWindowSpec) for s in specs)
         self.world_size = p.tensor_parallel_size
         self.num_blocks = kv_cache_config.num_blocks
         if role == KVConnectorRole.SCHEDULER:
@@ -363,8 +368,12 @@ class KVPoolConnector(KVConnectorBase_V1, SupportsHMA):
             # The request waits (WAITING_FOR_REMOTE_KVS) until the load is reported, unscheduled: the load goes out
             # with the next step's metadata and runs beside it.
             span = slice(st.load_from, st.load_from + st.load_n)
-            per_position = list(zip(*blocks.get_block_ids()))
-            self._async_pending.append(BlockTransfer(per_position[span], st.keys[span], req_id=request.request_id))
+            # Positions where every group keeps no block (before the window of a model whose every layer slides)
+            # are not read: nothing would use them, and a damaged file there would fail the whole load.
+            wanted = [(ids, key) for ids, key in zip(list(zip(*blocks.get_block_ids()))[span], st.keys[span])
+                      if any(i != NULL_BLOCK for i in ids)]
+            self._async_pending.append(BlockTransfer([ids for ids, _ in wanted], [key for _, key in wanted],
+                                                     req_id=request.request_id))
             st.loading, st.load_n = True, 0
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:

@@ -443,11 +443,14 @@ class PoolStore:
         its checksum verified. False if the block is missing, of another size, or corrupt (then removed); `dst`
         then holds zeros: the engine recomputes over them, or frees the block, and a freed block's bytes must not
         be NaN (an attention kernel multiplies a part-filled block's empty slots by zero)."""
-        if self._read_into(key, dst):
-            return True
-        for v in dst:
-            np.frombuffer(_as_bytes(v), dtype=np.uint8)[:] = 0
-        return False
+        ok = False
+        try:
+            ok = self._read_into(key, dst)
+            return ok
+        finally:  # an unexpected exception too: the caller counts the block as failed
+            if not ok:
+                for v in dst:
+                    np.frombuffer(_as_bytes(v), dtype=np.uint8)[:] = 0
 
     def _read_into(self, key: str, dst: Sequence[memoryview]) -> bool:
         opened = self._open(key)
