@@ -326,7 +326,7 @@ class RouterActor:
                 "prediction_mean_abs_error_tokens": round(c["abs_error_tokens"] / c["requests"], 1)
                 if c["requests"] else None,
                 "event_resets": events["resets"] + events["malformed"] + events["lost_tails"],
-                "event_replays": events["replays"],  # replays received; "replaying": one still being applied
+                "event_replays": events["replays"],  # replays received; "replaying": one awaited or being applied
                 "replaying": r in core.replaying,
                 "orphan_events": events["orphans"],
             }
