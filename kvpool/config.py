@@ -164,6 +164,11 @@ class KVPoolConfig(BaseModel):
             # vLLM's CPU linear layers keep their own small cache of primitives; without the global one the growth
             # stops after ~32 lengths.
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+            # glibc raises its mmap threshold each time a large mapped block is freed (up to 32 MiB); long prompts'
+            # activation buffers then come from the heap and stay with the worker when freed: it grew ~1.6 GiB an
+            # hour under agent load. A fixed threshold maps (and unmaps) every buffer of 1 MiB or more: the workers
+            # stayed level over a 15-minute soak (BENCHMARKS.md, soak).
+            env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
         return env
 
     def resolved_device(self) -> str:

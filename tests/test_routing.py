@@ -110,13 +110,6 @@ def test_evictions_leave_the_index(tiny_app):
         "cached_tokens"]
 
 
-def replayed(router_stats: dict, replica: str) -> bool:
-    """The router knows `replica` again: it is live and a replay of its events arrived and was applied whole (in
-    the full suite an engine's buffer holds thousands of batches, which the router applies in pieces)."""
-    s = (router_stats.get("replicas") or {}).get(replica) or {}
-    return bool(s.get("live") and s.get("event_replays") and not s.get("replaying"))
-
-
 def test_a_restarted_router_falls_back_then_relearns_what_the_engines_hold(tiny_app):
     url, _ = tiny_app
     from actors.router import NAMESPACE, router_name
@@ -131,7 +124,8 @@ def test_a_restarted_router_falls_back_then_relearns_what_the_engines_hold(tiny_
     # The engines register again at their next health check and replay their publishers' buffered events; a
     # request Serve routes without a choice makes its plug-in hand the restarted router the replica list.
     deadline = time.time() + 60
-    while not all(replayed(stats(url), r) for r in live):
+    while not all((s := ((stats(url).get("replicas") or {}).get(r) or {})).get("event_replays") and s["live"]
+                  for r in live):
         reasons.append(chat(url, [{"role": "user", "content": "fox"}]).headers["x-kvpool-route-reason"])
         assert time.time() < deadline, (reasons, stats(url))
         time.sleep(0.5)
@@ -156,7 +150,8 @@ def test_a_router_gone_for_good_is_made_anew_and_found_by_the_engines(tiny_app):
     _, old_prefix = ray.get(old.endpoint.remote())
     ray.kill(old, no_restart=True)
     deadline = time.time() + 90
-    while not all(replayed(stats(url), r) for r in live):
+    while not all((s := ((stats(url).get("replicas") or {}).get(r) or {})).get("event_replays") and s["live"]
+                  for r in live):
         chat(url, msgs)  # never fails meanwhile (fallback); the first one tells the ingress the router is gone
         assert time.time() < deadline, stats(url)
         time.sleep(0.5)
@@ -263,9 +258,10 @@ def test_the_replica_stages_split_the_time_from_sending_to_the_first_output_back
     assert _replica_stages(10.0, None, 13.25) == {"replica": 13.25 - 10.0}
 
 
-def test_the_engines_model_runners_run_without_onednns_global_primitive_cache(tiny_app):
-    """The setting that bounds the model runner's memory under prompts of ever new lengths (KVPoolConfig.engine_env)
-    reaches the processes that run the model: vLLM's engine core and workers, spawned by each engine replica."""
+def test_the_engines_model_runners_run_with_the_settings_that_bound_their_memory(tiny_app):
+    """The settings that bound the model runner's memory under prompts of ever new lengths (KVPoolConfig.engine_env:
+    oneDNN's global primitive cache off, a fixed mmap threshold for glibc) reach the processes that run the model:
+    vLLM's engine core and workers, spawned by each engine replica."""
     import psutil
 
     def title(p: psutil.Process) -> str:  # what Ray and vLLM name their processes
@@ -280,4 +276,6 @@ def test_the_engines_model_runners_run_without_onednns_global_primitive_cache(ti
         spawned = replica.children(recursive=True)
         assert spawned, "no engine processes under the replica"
         for p in spawned:
-            assert p.environ().get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == "0", (p.name(), p.cmdline()[:1])
+            env = p.environ()
+            assert env.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == "0", (p.name(), p.cmdline()[:1])
+            assert env.get("MALLOC_MMAP_THRESHOLD_") == str(1 << 20), (p.name(), p.cmdline()[:1])
