@@ -22,6 +22,36 @@ TINY_KV_BYTES = 24 << 20
 TINY_KV_BYTES_PER_TOKEN = 1024
 
 
+def in_process_llm(**kwargs):
+    """A vLLM `LLM` for a test that drives an engine in its own process. On CPU its engine core and worker run in
+    this process: the engine starts in 1-3 s instead of ~20 (vLLM otherwise spawns two processes that import torch
+    and vLLM again); the scheduler, the model runner and the pool's connector run the same code either way. vLLM
+    reads the setting only while it makes the engine, so Ray's workers and the processes tests start later keep
+    vLLM's default. One at a time: vLLM's parallel state is the process's, and closing an engine tears it down."""
+    import gc
+
+    from vllm import LLM
+    from vllm import envs
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return LLM(**kwargs)
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        return LLM(**kwargs)
+    finally:
+        if before is None:
+            del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+        # What the engine core does for a serving process, undone for this one: vLLM's settings cached as they
+        # were while it started, and every object then frozen out of the garbage collector (the engines a module
+        # makes and closes in turn would never be freed).
+        envs.disable_envs_cache()
+        gc.unfreeze()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from kvpool.model import cache_dir

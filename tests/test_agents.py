@@ -14,7 +14,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import TEST_BLOCK
+from conftest import TEST_BLOCK, in_process_llm
 
 READ_FILE = {"type": "function", "function": {
     "name": "read_file", "description": "Read a file of the repository",
@@ -100,7 +100,7 @@ def test_rendering_parity_with_vllm_tools_included(tiny_app, tiny_model_dir):
     import gc
 
     import httpx
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     conversations = [
         ([{"role": "user", "content": "What is in app/?"}], None),
@@ -132,8 +132,8 @@ def test_rendering_parity_with_vllm_tools_included(tiny_app, tiny_model_dir):
         ingress.append(r.json()["tokens"])
     after = httpx.get(f"{tiny_app[0]}/v1/kvpool/stats", timeout=30).json()["prompt_tokens"]
     assert after["off"] is None and after["reused"] - before["reused"] >= 2, (before, after)
-    llm = LLM(model=str(tiny_model_dir), block_size=32, kv_cache_memory_bytes=64 << 20, enforce_eager=True,
-              max_model_len=4096)
+    llm = in_process_llm(model=str(tiny_model_dir), block_size=32, kv_cache_memory_bytes=64 << 20, enforce_eager=True,
+                         max_model_len=4096)
     try:
         for (messages, tools), ids in zip(conversations, ingress):
             (out,) = llm.chat(messages, SamplingParams(max_tokens=1), tools=tools, use_tqdm=False)

@@ -5,7 +5,6 @@ replicas on one node do. Correctness is checked on greedy tokens *and* on the lo
 which move if even one loaded KV value is wrong.
 """
 
-import gc
 import os
 import time
 from pathlib import Path
@@ -14,21 +13,10 @@ import pytest
 import ray
 
 from kvpool.config import KVPoolConfig
-from kvpool.connector import kv_transfer_config
 from kvpool.hashing import pool_keys, request_namespace
 from kvpool.pool_store import PoolStore
 
-from test_pool_correctness import tokens
-
-
-def engine(model_dir, pool_dirs=None, prefix_caching=True):
-    from vllm import LLM
-
-    kw = dict(model=str(model_dir), block_size=32, kv_cache_memory_bytes=16 << 20, enforce_eager=True,
-              max_model_len=4096, dtype="float32", enable_prefix_caching=prefix_caching)
-    if pool_dirs:
-        kw.update(kv_transfer_config=kv_transfer_config(*pool_dirs), async_scheduling=False)
-    return LLM(**kw)
+from test_pool_correctness import close, engine, tokens
 
 
 def generate(llm, prompt):
@@ -42,16 +30,10 @@ def generate(llm, prompt):
     return out.num_cached_tokens, list(c.token_ids), lps
 
 
-def close(llm):
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     """Outputs computed from scratch (no prefix cache, no pool)."""
-    llm = engine(tiny_model_dir, prefix_caching=False)
+    llm = engine(tiny_model_dir, prefix_caching=False, in_process=False)
     cache = {}
 
     def compute(prompt):

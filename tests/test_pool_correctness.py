@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from conftest import in_process_llm
 from kvpool.connector import kv_transfer_config
 
 VOCAB = 390
@@ -20,7 +21,10 @@ def tokens(seed: int, n: int) -> list[int]:
     return [rng.randrange(3, VOCAB) for _ in range(n)]
 
 
-def engine(model_dir, pool_dirs=None, prefix_caching=True, kv_bytes=16 << 20, max_model_len=4096, **extra):
+def engine(model_dir, pool_dirs=None, prefix_caching=True, kv_bytes=16 << 20, max_model_len=4096, in_process=True,
+           **extra):
+    """A test's engine; `in_process` (conftest.in_process_llm): one such at a time, so an engine a whole module keeps
+    (a reference) runs in its own processes."""
     from vllm import LLM
 
     kw = dict(model=str(model_dir), block_size=BLOCK, kv_cache_memory_bytes=kv_bytes, enforce_eager=True,
@@ -28,7 +32,7 @@ def engine(model_dir, pool_dirs=None, prefix_caching=True, kv_bytes=16 << 20, ma
               disable_log_stats=False, **extra)
     if pool_dirs:
         kw.update(kv_transfer_config=kv_transfer_config(*pool_dirs), async_scheduling=False)
-    return LLM(**kw)
+    return in_process_llm(**kw) if in_process else LLM(**kw)
 
 
 def generate(llm, prompts, max_tokens=8):
@@ -78,7 +82,7 @@ def reference(tiny_model_dir):
 def scratch_reference(model_dir):
     """A fixture's body: the model's outputs computed from scratch (no prefix cache, no pool), one prompt at a time,
     kept by prompt."""
-    llm = engine(model_dir, prefix_caching=False)
+    llm = engine(model_dir, prefix_caching=False, in_process=False)
     cache = {}
 
     def compute(prompts, max_tokens=8):

@@ -4,6 +4,7 @@ import gc
 
 import pytest
 
+from conftest import in_process_llm
 from kvpool.prompt import PromptError, PromptRenderer
 
 CONVERSATIONS = [
@@ -18,10 +19,8 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    from vllm import LLM
-
-    engine = LLM(model=str(tiny_model_dir), block_size=32, kv_cache_memory_bytes=64 << 20, enforce_eager=True,
-                 max_model_len=4096)
+    engine = in_process_llm(model=str(tiny_model_dir), block_size=32, kv_cache_memory_bytes=64 << 20,
+                            enforce_eager=True, max_model_len=4096)
     yield engine
     del engine
     gc.collect()
