@@ -175,12 +175,12 @@ RETAIN_ARG = "kvpool_retain"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-@functools.lru_cache(maxsize=8)
 def model_fingerprint(model: str, revision: str | None) -> str:
     """The identity of a model's weights: for a local directory (or a hub model already in the local cache), its
     config and, per weight file, name, size, modification time and the bytes of its first and last MiB, so that new
     weights at the same path (a fine-tune, an update) never read the old weights' KV; otherwise the hub id and
-    revision."""
+    revision. The files are looked at again on every call (a process may make another engine after the weights
+    changed); only the reading of their bytes is cached, by what the look saw."""
     path = model
     if not os.path.isdir(path):
         try:
@@ -189,22 +189,28 @@ def model_fingerprint(model: str, revision: str | None) -> str:
             path = snapshot_download(model, revision=revision, local_files_only=True)
         except Exception:
             return f"{model}@{revision}"
-    h = hashlib.blake2b(digest_size=16)
+    files = []
     for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name == "config.json":
-            with open(full, "rb") as f:
-                h.update(f.read())
-        elif name.endswith(_WEIGHT_SUFFIXES):
-            st = os.stat(full)
-            size = st.st_size
+        if name == "config.json" or name.endswith(_WEIGHT_SUFFIXES):
+            st = os.stat(os.path.join(path, name))
             # The modification time too: a fine-tune can leave a file's size and both ends as they were. (A copy of
             # the weights that does not keep mtimes then shares no pool with the original: slower, never wrong.)
-            h.update(f"{name}:{size}:{st.st_mtime_ns}".encode())
-            with open(full, "rb") as f:
-                h.update(f.read(1 << 20))
-                f.seek(max(0, size - (1 << 20)))
-                h.update(f.read(1 << 20))
+            files.append((name, st.st_size, st.st_mtime_ns))
+    return _fingerprint_files(path, tuple(files))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_files(path: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, size, mtime_ns in files:
+        with open(os.path.join(path, name), "rb") as f:
+            if name == "config.json":
+                h.update(f.read())
+                continue
+            h.update(f"{name}:{size}:{mtime_ns}".encode())
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
     return h.hexdigest()
 
 
