@@ -82,16 +82,17 @@ def load_sessions(trace: Path, n: int, max_context: int, max_output: int, render
     if max_turns:
         base = [Session(s.name, s.turns[:max_turns]) for s in base]
     base = base[:n]
-    if base[0].turns[0].blocks is None:
+    chat = base[0].turns[0].blocks is None
+    if chat:
         if renderer is None:
             raise ValueError(f"{trace} is a chat trace: fitting it to the context needs the model's tokenizer")
         budget = max_context - max_output - (AGENT_TAG_TOKENS if n > len(base) else 0)
         base = [fit_chat(s, budget, lambda messages: len(renderer.chat(messages))) for s in base]
     sessions = [base[i] if i < len(base) else _another_agent(base[i % len(base)], i) for i in range(n)]
-    if base[0].turns[0].blocks is not None:
-        vocab_size = len(renderer.tokenizer) if renderer else DEFAULT_VOCAB_SIZE
-        return fit_tokens(sessions, max_context - max_output, vocab_size)
-    return sessions
+    if chat:
+        return sessions
+    vocab_size = len(renderer.tokenizer) if renderer else DEFAULT_VOCAB_SIZE
+    return fit_tokens(sessions, max_context - max_output, vocab_size)
 
 
 class Bound:
