@@ -180,7 +180,8 @@ def model_fingerprint(model: str, revision: str | None) -> str:
     config and, per weight file, name, size, modification time and the bytes of its first and last MiB, so that new
     weights at the same path (a fine-tune, an update) never read the old weights' KV; otherwise the hub id and
     revision. The files are looked at again on every call (a process may make another engine after the weights
-    changed); only the reading of their bytes is cached, by what the look saw."""
+    changed); only the reading of their bytes is cached, by what the look saw (inode and change time included:
+    a copy that keeps size and modification time still changes those)."""
     path = model
     if not os.path.isdir(path):
         try:
@@ -195,14 +196,14 @@ def model_fingerprint(model: str, revision: str | None) -> str:
             st = os.stat(os.path.join(path, name))
             # The modification time too: a fine-tune can leave a file's size and both ends as they were. (A copy of
             # the weights that does not keep mtimes then shares no pool with the original: slower, never wrong.)
-            files.append((name, st.st_size, st.st_mtime_ns))
+            files.append((name, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
     return _fingerprint_files(path, tuple(files))
 
 
 @functools.lru_cache(maxsize=8)
-def _fingerprint_files(path: str, files: tuple[tuple[str, int, int], ...]) -> str:
+def _fingerprint_files(path: str, files: tuple[tuple[str, int, int, int, int], ...]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for name, size, mtime_ns in files:
+    for name, size, mtime_ns, _, _ in files:
         with open(os.path.join(path, name), "rb") as f:
             if name == "config.json":
                 h.update(f.read())

@@ -25,31 +25,46 @@ TINY_KV_BYTES_PER_TOKEN = 1024
 def in_process_llm(**kwargs):
     """A vLLM `LLM` for a test that drives an engine in its own process. On CPU its engine core and worker run in
     this process: the engine starts in 1-3 s instead of ~20 (vLLM otherwise spawns two processes that import torch
-    and vLLM again); the scheduler, the model runner and the pool's connector run the same code either way. vLLM
-    reads the setting only while it makes the engine, so Ray's workers and the processes tests start later keep
-    vLLM's default. One at a time: vLLM's parallel state is the process's, and closing an engine tears it down."""
+    and vLLM again); the scheduler, the model runner and the pool's connector are the same code either way (the
+    worker's threads are this process's: no OpenMP binding). vLLM reads the setting only while it makes the
+    engine, so Ray's workers and the processes tests start later keep vLLM's default. One at a time, each closed
+    with `close`: vLLM's parallel state is the process's, and closing an engine tears it down."""
     import gc
 
-    from vllm import LLM
-    from vllm import envs
+    import torch
+    from vllm import LLM, envs
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return LLM(**kwargs)
-    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    assert not model_parallel_is_initialized(), "another in-process engine is still up: close it first"
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_DIST_IDENT")}
+    set_num_threads = torch.set_num_threads
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         return LLM(**kwargs)
     finally:
-        if before is None:
-            del os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
-        # What the engine core does for a serving process, undone for this one: vLLM's settings cached as they
-        # were while it started, and every object then frozen out of the garbage collector (the engines a module
-        # makes and closes in turn would never be freed).
+        for k, v in saved.items():  # (the CPU worker sets VLLM_DIST_IDENT for its own process)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        # What a CPU worker and the engine core do to a process they own, undone for this one: torch's thread
+        # count pinned (set_num_threads replaced), vLLM's settings cached as they were while it started, and every
+        # object frozen out of the garbage collector (an engine dropped without close would never be freed).
+        torch.set_num_threads = set_num_threads
         envs.disable_envs_cache()
         gc.unfreeze()
+
+
+def close(llm) -> None:
+    """Shut an engine down now (not when the garbage collector gets to it)."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import TEST_BLOCK, in_process_llm
+from conftest import TEST_BLOCK, close, in_process_llm
 
 READ_FILE = {"type": "function", "function": {
     "name": "read_file", "description": "Read a file of the repository",
@@ -97,8 +97,6 @@ def test_tool_definitions_reach_the_prompt(client):
 def test_rendering_parity_with_vllm_tools_included(tiny_app, tiny_model_dir):
     """The ingress's token ids (its /tokenize, vLLM's route over the same renderer the endpoints use) equal what vLLM's
     own engine computes for the same conversation and tools."""
-    import gc
-
     import httpx
     from vllm import SamplingParams
 
@@ -139,8 +137,7 @@ def test_rendering_parity_with_vllm_tools_included(tiny_app, tiny_model_dir):
             (out,) = llm.chat(messages, SamplingParams(max_tokens=1), tools=tools, use_tqdm=False)
             assert ids == list(out.prompt_token_ids)
     finally:
-        del llm
-        gc.collect()
+        close(llm)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,13 @@ from kvpool.config import KVPoolConfig
 from kvpool.hashing import pool_keys, request_namespace
 from kvpool.pool_store import PoolStore
 
-from test_pool_correctness import close, engine, tokens
+from test_pool_correctness import close, differences, engine, tokens
+from test_pool_correctness import generate as generate_all
 
 
 def generate(llm, prompt):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    (out,) = llm.generate(TokensPrompt(prompt_token_ids=prompt),
-                          SamplingParams(max_tokens=8, temperature=0, logprobs=3), use_tqdm=False)
-    c = out.outputs[0]
-    lps = [sorted((tok, round(lp.logprob, 3)) for tok, lp in step.items()) for step in c.logprobs]
-    return out.num_cached_tokens, list(c.token_ids), lps
+    """Greedy: (cached tokens, token ids, each token's logprob)."""
+    return generate_all(llm, [prompt])[0]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def reference(tiny_model_dir):
     def compute(prompt):
         key = tuple(prompt)
         if key not in cache:
-            cache[key] = generate(llm, prompt)[1:]
+            cache[key] = generate(llm, prompt)
         return cache[key]
 
     yield compute
@@ -65,7 +60,7 @@ def test_prefix_computed_on_a_is_loaded_by_b(tiny_model_dir, pool_dirs, referenc
     cached, toks, lps = generate(b, prefix + suffix)
     close(b)
     assert cached >= (1000 // 32 - 1) * 32, "B did not load the prefix from the pool"
-    assert (toks, lps) == reference(prefix + suffix)
+    assert differences([(cached, toks, lps)], [reference(prefix + suffix)]) == []
 
 
 def test_pool_shard_restart_and_disk_tier(tiny_model_dir, pool_dirs, reference, ray_cluster):
@@ -99,7 +94,7 @@ def test_pool_shard_restart_and_disk_tier(tiny_model_dir, pool_dirs, reference, 
     cached, toks, lps = generate(b, prompt + [5, 6, 7])
     close(b)
     assert cached >= (700 // 32 - 1) * 32
-    assert (toks, lps) == reference(prompt + [5, 6, 7])
+    assert differences([(cached, toks, lps)], [reference(prompt + [5, 6, 7])]) == []
     ray.kill(pool, no_restart=True)
 
 
@@ -117,7 +112,7 @@ def test_corrupt_block_is_recomputed(tiny_model_dir, pool_dirs, reference):
     b = engine(tiny_model_dir, pool_dirs)
     cached, toks, lps = generate(b, prompt + [9, 9])
     close(b)
-    assert (toks, lps) == reference(prompt + [9, 9])
+    assert differences([(cached, toks, lps)], [reference(prompt + [9, 9])]) == []
 
 
 def test_pool_stays_within_budget(tiny_model_dir, pool_dirs, ray_cluster):

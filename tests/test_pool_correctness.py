@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from conftest import in_process_llm
+from conftest import close, in_process_llm
 from kvpool.connector import kv_transfer_config
 
 VOCAB = 390
@@ -23,8 +23,8 @@ def tokens(seed: int, n: int) -> list[int]:
 
 def engine(model_dir, pool_dirs=None, prefix_caching=True, kv_bytes=16 << 20, max_model_len=4096, in_process=True,
            **extra):
-    """A test's engine; `in_process` (conftest.in_process_llm): one such at a time, so an engine a whole module keeps
-    (a reference) runs in its own processes."""
+    """A test's engine; `in_process` (conftest.in_process_llm) unless another engine lives beside it (a module's
+    reference runs in its own processes)."""
     from vllm import LLM
 
     kw = dict(model=str(model_dir), block_size=BLOCK, kv_cache_memory_bytes=kv_bytes, enforce_eager=True,
@@ -45,14 +45,6 @@ def generate(llm, prompts, max_tokens=8):
                         use_tqdm=False)
     return [(o.num_cached_tokens, list(o.outputs[0].token_ids),
              [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]) for o in outs]
-
-
-def close(llm):
-    import gc
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
 
 
 def preemptions(llm) -> int:

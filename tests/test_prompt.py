@@ -1,10 +1,8 @@
 """Tokenization parity: the ingress's token ids equal the ones vLLM computes itself for the same request."""
 
-import gc
-
 import pytest
 
-from conftest import in_process_llm
+from conftest import close, in_process_llm
 from kvpool.prompt import PromptError, PromptRenderer
 
 CONVERSATIONS = [
@@ -22,8 +20,7 @@ def llm(tiny_model_dir):
     engine = in_process_llm(model=str(tiny_model_dir), block_size=32, kv_cache_memory_bytes=64 << 20,
                             enforce_eager=True, max_model_len=4096)
     yield engine
-    del engine
-    gc.collect()
+    close(engine)
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,7 @@ def test_dead_replica_leaves_the_index_and_its_replacement_joins(tiny_app):
     # earlier tests' prompts still being reported can make up the count (measured once: 35 of this prompt's 37
     # blocks predicted, 37 loaded). What the view holds is there, so it never predicts more than is loaded.
     assert cached >= (n_first // TEST_BLOCK - 1) * TEST_BLOCK
-    assert 0 < int(r.headers["x-kvpool-predicted-cached-tokens"]) <= cached
+    assert int(r.headers["x-kvpool-predicted-cached-tokens"]) <= cached
     after = wait_live(url, 2, timeout=240)
     assert victim not in after
     chat(url, [{"role": "user", "content": "fox"}])
