@@ -41,10 +41,17 @@ def in_process_llm(**kwargs):
     assert not model_parallel_is_initialized(), "another in-process engine is still up: close it first"
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_DIST_IDENT")}
     set_num_threads = torch.set_num_threads
+    # The CPU worker points its kernels' other references at its C++ fallbacks by scanning every loaded module, and
+    # raises on a value whose vars() is no dict (llvmlite's library wrapper, loaded here by numba for the router's
+    # event decoder): such modules are out of sys.modules while the engine is made.
+    hidden = {name: m for name, m in list(sys.modules.items()) if _breaks_vllm_kernel_scan(m)}
+    for name in hidden:
+        del sys.modules[name]
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         return LLM(**kwargs)
     finally:
+        sys.modules.update(hidden)
         for k, v in saved.items():  # (the CPU worker sets VLLM_DIST_IDENT for its own process)
             if v is None:
                 os.environ.pop(k, None)
@@ -56,6 +63,17 @@ def in_process_llm(**kwargs):
         torch.set_num_threads = set_num_threads
         envs.disable_envs_cache()
         gc.unfreeze()
+
+
+def _breaks_vllm_kernel_scan(module) -> bool:
+    """Whether vllm.triton_utils.dispatcher._rebind_kernels raises on this module's namespace."""
+    for value in list((getattr(module, "__dict__", None) or {}).values()):
+        try:
+            if hasattr(value, "__dict__"):
+                vars(value).get("kernel")
+        except Exception:
+            return True
+    return False
 
 
 def close(llm) -> None:
