@@ -16,7 +16,7 @@ from kvpool.config import KVPoolConfig
 from kvpool.hashing import pool_keys, request_namespace
 from kvpool.pool_store import PoolStore
 
-from test_pool_correctness import close, differences, engine, tokens
+from test_pool_correctness import close, differences, engine, scratch_reference, tokens
 from test_pool_correctness import generate as generate_all
 
 
@@ -27,18 +27,7 @@ def generate(llm, prompt):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    """Outputs computed from scratch (no prefix cache, no pool)."""
-    llm = engine(tiny_model_dir, prefix_caching=False, in_process=False)
-    cache = {}
-
-    def compute(prompt):
-        key = tuple(prompt)
-        if key not in cache:
-            cache[key] = generate(llm, prompt)
-        return cache[key]
-
-    yield compute
-    close(llm)
+    yield from scratch_reference(tiny_model_dir)
 
 
 def wait_saved(pool_dirs, n_blocks, timeout=20):
@@ -60,7 +49,7 @@ def test_prefix_computed_on_a_is_loaded_by_b(tiny_model_dir, pool_dirs, referenc
     cached, toks, lps = generate(b, prefix + suffix)
     close(b)
     assert cached >= (1000 // 32 - 1) * 32, "B did not load the prefix from the pool"
-    assert differences([(cached, toks, lps)], [reference(prefix + suffix)]) == []
+    assert differences([(cached, toks, lps)], reference([prefix + suffix])) == []
 
 
 def test_pool_shard_restart_and_disk_tier(tiny_model_dir, pool_dirs, reference, ray_cluster):
@@ -94,7 +83,7 @@ def test_pool_shard_restart_and_disk_tier(tiny_model_dir, pool_dirs, reference, 
     cached, toks, lps = generate(b, prompt + [5, 6, 7])
     close(b)
     assert cached >= (700 // 32 - 1) * 32
-    assert differences([(cached, toks, lps)], [reference(prompt + [5, 6, 7])]) == []
+    assert differences([(cached, toks, lps)], reference([prompt + [5, 6, 7]])) == []
     ray.kill(pool, no_restart=True)
 
 
@@ -112,7 +101,7 @@ def test_corrupt_block_is_recomputed(tiny_model_dir, pool_dirs, reference):
     b = engine(tiny_model_dir, pool_dirs)
     cached, toks, lps = generate(b, prompt + [9, 9])
     close(b)
-    assert differences([(cached, toks, lps)], [reference(prompt + [9, 9])]) == []
+    assert differences([(cached, toks, lps)], reference([prompt + [9, 9]])) == []
 
 
 def test_pool_stays_within_budget(tiny_model_dir, pool_dirs, ray_cluster):
