@@ -374,6 +374,11 @@ class RouterCore:
     # that engine holds. The engine's publisher keeps its recent batches (vLLM's replay buffer); the engine sends
     # them when the router asks (actors/engine.py), and the view is rebuilt from them.
 
+    def view_complete(self, replica: str) -> bool:
+        """Whether the view of `replica` holds every batch its engine still buffers: heard from its first batch
+        on, or rebuilt by a replay now wholly applied."""
+        return replica in self.complete and replica not in self.replaying
+
     def begin_replay(self, replica: str, now: float | None = None, published_before: int | None = None) -> bool:
         """Whether `replica`'s view is incomplete and no replay is on its way or being applied; if so, one is now
         awaited: the view is emptied (the removals among the live batches that wait for the replay must not be

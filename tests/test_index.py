@@ -533,6 +533,7 @@ def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
     assert core.ingest("a", 4, [stored(own, 0, 1, tag=7), middle]) is None
     assert core.index.match(hashes, ["a"]) == {"a": 0} and core.index.match(block_hashes(own, BS), ["a"]) == {"a": 1}
     # Awaiting a replay empties the view: the batches that wait for it may remove blocks.
+    assert not core.view_complete("a")
     assert core.begin_replay("a", now=0) and not core.begin_replay("a", now=0)  # one at a time
     assert core.index.match(block_hashes(own, BS), ["a"]) == {"a": 0}
     # A batch that arrives while the replay is on its way waits for it.
@@ -545,6 +546,7 @@ def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
     assert core.index.match(hashes, ["a"]) == {"a": 5} and core.index.match(block_hashes(own, BS), ["a"]) == {"a": 1}
     assert core.index.match(block_hashes(other, BS), ["a"]) == {"a": 0}
     assert core.event_counts["a"]["replays"] == 1 and not core.begin_replay("a", now=1)  # the view is whole
+    assert core.view_complete("a")
     # A later gap makes it partial again; a replay that fails lets the waiting batches apply as they are.
     assert core.ingest("a", 7, []) == "gap" and core.begin_replay("a", now=2)
     assert core.ingest("a", 8, [head]) == "deferred"
@@ -557,7 +559,7 @@ def test_a_router_that_joined_mid_stream_rebuilds_from_the_engines_replay():
     assert core.apply_replay("a") and core.index.match(hashes, ["a"]) == {"a": 4}
     # A replica whose first batch the router hears is the engine's first needs no replay.
     core.node_of["b"] = "n1"
-    assert core.ingest("b", 0, [head]) is None and not core.begin_replay("b")
+    assert core.ingest("b", 0, [head]) is None and not core.begin_replay("b") and core.view_complete("b")
 
 
 def test_batches_lost_before_the_engine_went_quiet_are_found_by_the_next_registration():
@@ -663,6 +665,7 @@ def test_live_batches_that_arrive_between_the_pieces_of_a_replay_apply_after_it_
     while not core.apply_replay("a", 8):
         pieces += 1
         assert not core.begin_replay("a")  # a registration in between asks for no second replay
+        assert not core.view_complete("a")  # until the batches that waited for the replay are applied too
         nxt = next(live, None)
         if nxt is not None:
             assert core.ingest("a", *nxt) == "deferred"

@@ -121,10 +121,12 @@ def test_a_restarted_router_falls_back_then_relearns_what_the_engines_hold(tiny_
     ray.kill(ray.get_actor(router_name("tiny"), namespace=NAMESPACE), no_restart=False)
     # Requests keep flowing while it restarts (Serve's fallback rule); their KV events reach no router.
     reasons = [chat(url, during).headers["x-kvpool-route-reason"] for _ in range(3)]
-    # The engines register again at their next health check and replay their publishers' buffered events; a
-    # request Serve routes without a choice makes its plug-in hand the restarted router the replica list.
+    # The engines register again at their next health check and replay their publishers' buffered events (an
+    # engine that published its first batch while the router was down needs none: the batches waiting on the
+    # router's port reach it); a request Serve routes without a choice makes its plug-in hand the restarted router
+    # the replica list.
     deadline = time.time() + 60
-    while not all((s := ((stats(url).get("replicas") or {}).get(r) or {})).get("event_replays") and s["live"]
+    while not all((s := ((stats(url).get("replicas") or {}).get(r) or {})).get("view_complete") and s["live"]
                   for r in live):
         reasons.append(chat(url, [{"role": "user", "content": "fox"}]).headers["x-kvpool-route-reason"])
         assert time.time() < deadline, (reasons, stats(url))
@@ -150,7 +152,7 @@ def test_a_router_gone_for_good_is_made_anew_and_found_by_the_engines(tiny_app):
     _, old_prefix = ray.get(old.endpoint.remote())
     ray.kill(old, no_restart=True)
     deadline = time.time() + 90
-    while not all((s := ((stats(url).get("replicas") or {}).get(r) or {})).get("event_replays") and s["live"]
+    while not all((s := ((stats(url).get("replicas") or {}).get(r) or {})).get("view_complete") and s["live"]
                   for r in live):
         chat(url, msgs)  # never fails meanwhile (fallback); the first one tells the ingress the router is gone
         assert time.time() < deadline, stats(url)
