@@ -209,7 +209,9 @@ class PoolShard:
         """Copy the blocks `keys` (each in every one of `layouts`, i.e. every engine rank) from the shard of
         `source_node` into this node's pool, in pieces of about FETCH_BYTES; returns how many leading blocks
         arrived."""
-        source = ray.get_actor(shard_name(self.app_name, source_node), namespace=NAMESPACE)
+        loop = asyncio.get_running_loop()
+        source = await loop.run_in_executor(  # a blocking lookup (a call to the control store): off the event loop
+            None, lambda: ray.get_actor(shard_name(self.app_name, source_node), namespace=NAMESPACE))
         stores = [self.catalog.store(layout) for layout in layouts]
 
         def write(first: int, blocks: list[list[bytes]]) -> int:
@@ -222,7 +224,7 @@ class PoolShard:
         got = 0
         while got < len(keys):
             blocks = await source.read_raw.remote(layouts, keys[got:])
-            written = await asyncio.get_running_loop().run_in_executor(None, write, got, blocks) if blocks else 0
+            written = await loop.run_in_executor(None, write, got, blocks) if blocks else 0
             got += written
             if written < len(blocks) or not blocks:
                 break
