@@ -328,7 +328,7 @@ class RouterActor:
                 "event_resets": events["resets"] + events["malformed"] + events["lost_tails"],
                 "event_replays": events["replays"],  # replays received; "replaying": one awaited or being applied
                 "replaying": r in core.replaying,
-                # Routing is exact for it again: heard from its first batch on, or replayed and applied.
+                # Every batch its engine still buffers reached the view (from the first on, or replayed and applied).
                 "view_complete": core.view_complete(r),
                 "orphan_events": events["orphans"],
             }

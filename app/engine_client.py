@@ -32,7 +32,7 @@ from actors.pool import get_or_create_shard
 from kvpool.connector import RETAIN_ARG
 from kvpool.config import KVPoolConfig
 from kvpool.hashing import MEMO_BLOCKS, PoolKeyMemo, block_hashes, pool_key_ids, request_namespace, token_array
-from kvpool.routing import Decision, Fetch
+from kvpool.routing import Decision, Fetch, costs_header
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,6 +57,9 @@ class Dispatch:
     replica: str | None = None
     reason: str = "fallback"
     predicted_cached_tokens: int | None = None
+    # The router's cost of each candidate replica (kvpool.routing.choose: its uncached tokens plus its queue, in
+    # tokens to compute before this request's first token), to read a decision against its alternatives.
+    costs: dict[str, int] | None = None
     error: ServingError | None = None
     retain: bool = False  # the client marked the prompt for caching: the pool keeps it as a live session's
     received_at: float | None = None  # wall-clock time the ingress received the HTTP request
@@ -68,6 +71,8 @@ class Dispatch:
             h["x-kvpool-replica"] = self.replica
         if self.predicted_cached_tokens is not None:
             h["x-kvpool-predicted-cached-tokens"] = str(self.predicted_cached_tokens)
+        if self.costs:
+            h["x-kvpool-route-costs"] = costs_header(self.costs)
         if self.stages:  # the W3C Server-Timing header: browsers' and HTTP tools' way to show a server's stages
             h["server-timing"] = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in self.stages.items())
         return h
@@ -273,6 +278,9 @@ class RoutedEngineClient(EngineClient):
         if decision:
             gen.route = {"replica": decision.replica}
             dispatch.reason, dispatch.predicted_cached_tokens = decision.reason, decision.predicted_cached_tokens
+            dispatch.costs = decision.costs
+        else:  # (a retry routed by the fallback rule: an earlier attempt's route no longer describes it)
+            dispatch.reason, dispatch.predicted_cached_tokens, dispatch.costs = "fallback", None, None
         sent_at = time.time()
         stream = self.engine.options(stream=True).generate.remote(gen)
         first, outputs = await self._started(self._tracked(stream, gen.request_id, decision), gen.request_id)

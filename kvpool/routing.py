@@ -143,6 +143,17 @@ class Decision:
     fetch: Fetch | None = None
 
 
+def costs_header(costs: Mapping[str, int]) -> str:
+    """A decision's costs as the ingress sends them (x-kvpool-route-costs): "replica=tokens, ...". Replica ids
+    are Serve's (letters and digits)."""
+    return ", ".join(f"{r}={c}" for r, c in sorted(costs.items()))
+
+
+def parse_costs_header(value: str) -> dict[str, int]:
+    """The inverse of costs_header."""
+    return {r: int(c) for r, c in (item.strip().rsplit("=", 1) for item in value.split(",") if item.strip())}
+
+
 def choose(prompt_tokens: int, cached_tokens: dict[str, int], loads: dict[str, ReplicaLoad],
            running_cost_tokens: int, pool: dict[str, PoolOffer] | None = None, pool_load_cost: float = 0.0,
            pool_fetch_cost: float = 0.0, rng: random.Random = random._inst) -> Decision:
@@ -375,8 +386,9 @@ class RouterCore:
     # them when the router asks (actors/engine.py), and the view is rebuilt from them.
 
     def view_complete(self, replica: str) -> bool:
-        """Whether the view of `replica` holds every batch its engine still buffers: heard from its first batch
-        on, or rebuilt by a replay now wholly applied."""
+        """Whether every batch `replica`'s engine still buffers reached its view (heard from the engine's first
+        batch on, or replayed) and none waits to be applied. (A malformed event, counted in event_resets, empties
+        the view without making it incomplete: a replay would bring the same event again.)"""
         return replica in self.complete and replica not in self.replaying
 
     def begin_replay(self, replica: str, now: float | None = None, published_before: int | None = None) -> bool:

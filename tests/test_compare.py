@@ -70,6 +70,9 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
     assert {k: v for k, v in saved["results"].items() if k in res} == res
     for name, records in saved["records"].items():
         assert all(len(r["output_ids"]) == r["completion_tokens"] > 0 for r in records), name
+    # Each KV-Pool request keeps the router's cost of every candidate and the replica that served it.
+    routed = [r for r in saved["records"]["kvpool"] if r["route_reason"] != "fallback"]
+    assert routed and all(r["replica"] in r["route_costs"] for r in routed), saved["records"]["kvpool"]
 
 
 def test_matched_subset_counts_only_what_every_configuration_completed():

@@ -11,7 +11,8 @@ from kvpool.block_table import BlockTable
 from kvpool.hashing import (PoolKeyMemo, block_hashes, chain_seed, pool_key_ids, pool_keys, prefix_sums,
                             request_namespace)
 from kvpool.index import PrefixIndex
-from kvpool.routing import Fetch, LoadBook, PoolOffer, PoolView, ReplicaLoad, RouterCore, choose
+from kvpool.routing import (Fetch, LoadBook, PoolOffer, PoolView, ReplicaLoad, RouterCore, choose, costs_header,
+                            parse_costs_header)
 
 BS = 32
 
@@ -293,6 +294,9 @@ def test_session_stays_unless_overloaded():
     loads["A"].queued_prefill_tokens = 60_000
     d = choose(50_000, {"A": 48_000, "B": 0}, loads, 64)
     assert d.replica == "B" and d.reason == "load"
+    # Each candidate's cost, as the response header carries it: uncached tokens + queue + running requests' price.
+    assert d.costs == {"A": 2_000 + 60_000 + 3 * 64, "B": 50_000}
+    assert costs_header(d.costs) == "A=62192, B=50000" and parse_costs_header(costs_header(d.costs)) == d.costs
 
 
 def test_hot_system_prompt_does_not_pile_onto_one_replica():

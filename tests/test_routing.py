@@ -38,11 +38,14 @@ def wait_live(url, n, timeout=180):
 
 
 def test_multi_turn_sessions_hit_cache_every_turn_and_spread(tiny_app):
+    from kvpool.routing import parse_costs_header
+
     url, _ = tiny_app
-    wait_live(url, 2)
+    live = wait_live(url, 2)
+    rerouted_before = sum(s["rerouted_here"] for s in stats(url)["replicas"].values())
     rng = random.Random(7)
     sessions = [[{"role": "system", "content": f"session {s}: " + text(rng, 150)}] for s in range(6)]
-    replicas, exact, turns = set(), 0, 0
+    replicas, exact, turns, not_cheapest = set(), 0, 0, 0
     for turn in range(4):
         for msgs in sessions:
             msgs.append({"role": "user", "content": text(rng, 60)})
@@ -63,6 +66,11 @@ def test_multi_turn_sessions_hit_cache_every_turn_and_spread(tiny_app):
             assert {"render", "router_call", "queue", "prefill", "first_out"} <= set(timing), timing
             assert 0 < sum(timing.values()) <= r.elapsed.total_seconds() * 1e3, timing
             replicas.add(r.headers["x-kvpool-replica"])
+            # The router's cost of every candidate; the replica that served is a cheapest one unless Serve passed
+            # over the router's choice (counted as rerouted below).
+            costs = parse_costs_header(r.headers["x-kvpool-route-costs"])
+            assert sorted(costs) == sorted(live), costs
+            not_cheapest += costs[r.headers["x-kvpool-replica"]] > min(costs.values())
             if turn > 0:
                 turns += 1
                 assert cached > 0, f"session {s} turn {turn}: no cache hit ({r.headers})"
@@ -72,6 +80,7 @@ def test_multi_turn_sessions_hit_cache_every_turn_and_spread(tiny_app):
     # Hash parity with the engine: the router predicts exactly what the engine then reports.
     assert exact >= 0.9 * turns, f"predicted == delivered in only {exact}/{turns} turns"
     st = stats(url)
+    assert not_cheapest <= sum(s["rerouted_here"] for s in st["replicas"].values()) - rerouted_before
     assert st["decisions"].get("prefix", 0) >= turns
     assert all(s["prediction_exact_rate"] is not None for s in st["replicas"].values() if s["live"])
     # The ingress says where these requests' time to a first output went, routing included.

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from kvpool.bench.verify import GREEDY
 from kvpool.hashing import block_hashes
+from kvpool.routing import parse_costs_header
 from kvpool.traces import DEFAULT_VOCAB_SIZE, Session, Turn, detect_format, fit_chat, fit_tokens, read_sessions
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class Record:
     error: str | None = None
     max_tokens: int = 0
     route_reason: str | None = None  # KV-Pool's x-kvpool-route-reason header
+    replica: str | None = None  # KV-Pool's x-kvpool-replica header: the replica that served it
+    route_costs: dict[str, int] | None = None  # KV-Pool's x-kvpool-route-costs header: the router's cost per replica
     # With verify on: the prompt's token ids, and the output's token ids and logprobs as the server returned them.
     prompt_ids: list[int] | None = None
     output_ids: list[int] | None = None
@@ -153,7 +156,11 @@ async def _send(client: httpx.AsyncClient, url: str, model: str, turn: Turn, rec
             if r.status_code != 200:
                 rec.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return
-            rec.route_reason = r.headers.get("x-kvpool-route-reason")
+            rec.route_reason, rec.replica = r.headers.get("x-kvpool-route-reason"), r.headers.get("x-kvpool-replica")
+            try:
+                rec.route_costs = parse_costs_header(r.headers.get("x-kvpool-route-costs") or "") or None
+            except ValueError:  # a diagnostic only: the request itself went fine
+                pass
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
